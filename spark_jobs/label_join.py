@@ -1,0 +1,552 @@
+"""Label each impression with the actions that followed it within their attribution windows.
+
+Run from the repository root, with the package installed (``make venv`` does it)::
+
+    spark-submit --master 'local[*]' spark_jobs/label_join.py --config configs/demo.toml --impressions PATH --events PATH --out PATH [--as-of 2022-04-21T00:00:00Z]
+
+Attribution of one event (all times in UTC, window ends inclusive):
+
+- An event with an impression id goes to that impression when the event time lies in
+  [impression time, impression time + attribution window of the event's action].
+  Such an event never falls back to matching by user and item.
+- An event without an impression id goes to the latest impression of the same user and
+  item at or before the event time, if the event lies within that impression's window.
+  Of several impressions at the same time, the larger impression id wins.
+- Copies of an event (same user, item, action, timestamp and impression id) count once.
+
+An impression whose window for any action is still open at ``as_of`` (impression time +
+longest window > as_of) is held back rather than labelled negative. ``as_of`` defaults to
+the latest event time, or the latest impression time when there are no events.
+
+Every input row ends in exactly one outcome, and ``<out>/_manifest.json`` counts them:
+impressions are labelled, held back or dropped, and events are attributed, attributed to
+a held-back impression, or dropped. The drop reasons are listed in ``IMPRESSION_DROP_REASONS``
+and ``EVENT_DROP_REASONS``; a row gets the first reason that applies, in list order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from datetime import datetime
+from functools import reduce
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import AtomicType
+
+from spark_jobs.common import (
+    ColumnSpec,
+    check_balance,
+    datetime_to_micros,
+    get_or_create_session,
+    inspect_parquet_input,
+    iso_utc,
+    quoted,
+    read_parquet_input,
+    require_utc_session,
+    write_manifest,
+    write_parquet,
+)
+from valuerank.config import PipelineConfig, load_config, parse_utc
+
+logger = logging.getLogger(__name__)
+
+IMPRESSION_DROP_REASONS = (
+    "null_impression_id",
+    "null_user_id",
+    "null_item_id",
+    "null_timestamp",
+    "duplicate_impression_id",
+)
+"""Why an impression is dropped. Of rows sharing an impression id, the earliest is kept."""
+
+EVENT_DROP_REASONS = (
+    "null_action",
+    "null_timestamp",
+    "null_user_id",
+    "null_item_id",
+    "unknown_action",
+    "duplicate",
+    "unknown_impression_id",
+    "impression_dropped",
+    "before_impression",
+    "outside_window",
+    "no_impression",
+)
+"""Why an event is dropped. NULL user or item ids only matter for events without an impression id.
+``impression_dropped``: the event's impression id belongs only to dropped impressions.
+``before_impression``: the event precedes its impression, or every impression of its user and item.
+``no_impression``: its user was never shown its item."""
+
+LABELLED = "labelled"
+HELD_BACK = "open_window"
+ATTRIBUTED = "attributed"
+ATTRIBUTED_TO_HELD_BACK = "attributed_to_held_back"
+
+OUTCOME = "_vr_outcome"
+"""Internal column: the outcome of each impression or event row."""
+
+TIME_US = "_vr_time_us"
+"""Internal column: the row's timestamp in microseconds since the epoch."""
+
+ATTRIBUTED_IMPRESSION_ID = "attributed_impression_id"
+"""Column of ``attribute_events``: the impression an event was attributed to, else NULL."""
+
+_KIND = "_vr_kind"
+_MATCH = "_vr_match"
+_PAIR_SHOWN = "_vr_pair_shown"
+_SORT_ID = "_vr_sort_id"
+_TARGET_TIME = "_vr_target_time_us"
+_TARGET_HELD = "_vr_target_held"
+_FOUND = "_vr_found"
+_RANK = "_vr_rank"
+INTERNAL_COLUMNS = (OUTCOME, TIME_US, ATTRIBUTED_IMPRESSION_ID, _KIND, _MATCH, _PAIR_SHOWN, _SORT_ID,
+                    _TARGET_TIME, _TARGET_HELD, _FOUND, _RANK)
+
+_IMPRESSION_KEYS = ("impression_id", "user_id", "item_id", "timestamp")
+_EVENT_COLUMNS = ("user_id", "item_id", "action", "timestamp", "impression_id")
+
+
+# --- input columns -----------------------------------------------------------
+
+
+def impression_specs(cfg: PipelineConfig) -> list[ColumnSpec]:
+    """Return the impression columns that the job reads, named as in ``cfg.columns.impressions``."""
+    names = cfg.columns.impressions
+    specs = [
+        ColumnSpec(names.impression_id, "impression_id", "id"),
+        ColumnSpec(names.user_id, "user_id", "id"),
+        ColumnSpec(names.item_id, "item_id", "id"),
+        ColumnSpec(names.timestamp, "timestamp", "timestamp"),
+    ]
+    if names.request_id is not None:
+        specs.append(ColumnSpec(names.request_id, "request_id", "id", required=False))
+    if names.position is not None:
+        specs.append(ColumnSpec(names.position, "position", "id", required=False))
+    return specs
+
+
+def event_specs(cfg: PipelineConfig) -> list[ColumnSpec]:
+    """Return the event columns that the job reads, named as in ``cfg.columns.events``."""
+    names = cfg.columns.events
+    specs = [
+        ColumnSpec(names.user_id, "user_id", "id"),
+        ColumnSpec(names.item_id, "item_id", "id"),
+        ColumnSpec(names.action, "action", "string"),
+        ColumnSpec(names.timestamp, "timestamp", "timestamp"),
+    ]
+    if names.impression_id is not None:
+        specs.append(ColumnSpec(names.impression_id, "impression_id", "id", required=False))
+    return specs
+
+
+def _window_us(cfg: PipelineConfig) -> Column:
+    """Return the attribution window in microseconds of the row's action (NULL for other actions)."""
+    expression = None
+    for action in cfg.actions:
+        window = F.lit(action.window_seconds * 1_000_000)
+        condition = F.col("action") == action.name
+        expression = F.when(condition, window) if expression is None else expression.when(condition, window)
+    return expression
+
+
+def _max_window_us(cfg: PipelineConfig) -> int:
+    return max(action.window_seconds for action in cfg.actions) * 1_000_000
+
+
+# --- impressions -------------------------------------------------------------
+
+
+def mark_impressions(impressions: DataFrame, cfg: PipelineConfig, as_of_us: int | None) -> DataFrame:
+    """Add the outcome of each impression: ``labelled``, ``open_window`` or a drop reason.
+
+    ``impressions`` has the canonical columns of ``read_parquet_input``. Of several rows
+    with one impression id the earliest is kept; ties are broken by user id, item id and
+    then every column of a simple type, so the choice does not depend on partitioning.
+    With ``as_of_us`` None nothing is held back. Adds ``OUTCOME`` and ``TIME_US``.
+    """
+    marked = impressions.withColumn(TIME_US, F.unix_micros("timestamp"))
+
+    null_reason = None
+    for column in _IMPRESSION_KEYS:
+        condition = F.col(column).isNull()
+        reason = F.lit(f"null_{column}")
+        null_reason = F.when(condition, reason) if null_reason is None else null_reason.when(condition, reason)
+    marked = marked.withColumn(OUTCOME, null_reason)
+
+    # Rank the valid rows of each impression id; only the first is kept.
+    tie_breakers = [
+        quoted(f.name)
+        for f in impressions.schema.fields
+        if f.name not in _IMPRESSION_KEYS and isinstance(f.dataType, AtomicType)
+    ]
+    by_id = Window.partitionBy("impression_id", F.col(OUTCOME).isNull()).orderBy(
+        TIME_US, "user_id", "item_id", *tie_breakers
+    )
+    marked = marked.withColumn(_RANK, F.row_number().over(by_id))
+    marked = marked.withColumn(
+        OUTCOME,
+        F.when(F.col(OUTCOME).isNotNull(), F.col(OUTCOME))
+        .when(F.col(_RANK) > 1, F.lit("duplicate_impression_id"))
+        .otherwise(F.lit(LABELLED)),
+    ).drop(_RANK)
+
+    if as_of_us is None:
+        return marked
+    window_open = F.col(TIME_US) + F.lit(_max_window_us(cfg)) > F.lit(as_of_us)
+    return marked.withColumn(
+        OUTCOME,
+        F.when((F.col(OUTCOME) == LABELLED) & window_open, F.lit(HELD_BACK)).otherwise(F.col(OUTCOME)),
+    )
+
+
+def _kept_impressions(marked_impressions: DataFrame) -> DataFrame:
+    return marked_impressions.filter(F.col(OUTCOME).isin(LABELLED, HELD_BACK))
+
+
+# --- events ------------------------------------------------------------------
+
+
+def mark_invalid_events(events: DataFrame, cfg: PipelineConfig) -> DataFrame:
+    """Add ``OUTCOME`` with the reason for events that cannot be attributed at all, else NULL.
+
+    Checks run in ``EVENT_DROP_REASONS`` order up to ``duplicate``. Of the copies of an
+    event, one stays valid and the others get ``duplicate``; the copies are identical in
+    every column that the job uses, so which one stays does not matter.
+    """
+    without_impression = F.col("impression_id").isNull()
+    marked = events.withColumn(TIME_US, F.unix_micros("timestamp")).withColumn(
+        OUTCOME,
+        F.when(F.col("action").isNull(), F.lit("null_action"))
+        .when(F.col("timestamp").isNull(), F.lit("null_timestamp"))
+        .when(without_impression & F.col("user_id").isNull(), F.lit("null_user_id"))
+        .when(without_impression & F.col("item_id").isNull(), F.lit("null_item_id"))
+        .when(~F.col("action").isin(*[a.name for a in cfg.actions]), F.lit("unknown_action")),
+    )
+
+    copies = Window.partitionBy(
+        "user_id", "item_id", "action", TIME_US, "impression_id", F.col(OUTCOME).isNull()
+    ).orderBy(TIME_US)
+    marked = marked.withColumn(_RANK, F.row_number().over(copies))
+    return marked.withColumn(
+        OUTCOME,
+        F.when(F.col(OUTCOME).isNull() & (F.col(_RANK) > 1), F.lit("duplicate")).otherwise(F.col(OUTCOME)),
+    ).drop(_RANK)
+
+
+def _attributed_outcome(held: Column) -> Column:
+    return F.when(held, F.lit(ATTRIBUTED_TO_HELD_BACK)).otherwise(F.lit(ATTRIBUTED))
+
+
+def _attribute_by_impression_id(events: DataFrame, marked_impressions: DataFrame, cfg: PipelineConfig) -> DataFrame:
+    """Attribute events that carry an impression id, by a join on that id."""
+    lookup = (
+        marked_impressions.filter(F.col("impression_id").isNotNull())
+        .groupBy("impression_id")
+        .agg(
+            F.max(F.when(F.col(OUTCOME).isin(LABELLED, HELD_BACK), F.col(TIME_US))).alias(_TARGET_TIME),
+            F.max(F.when(F.col(OUTCOME).isin(LABELLED, HELD_BACK), F.col(OUTCOME) == HELD_BACK)).alias(_TARGET_HELD),
+        )
+        .withColumn(_FOUND, F.lit(True))
+    )
+    joined = events.join(lookup, on="impression_id", how="left")
+
+    target_time = F.col(_TARGET_TIME)
+    outcome = (
+        F.when(F.col(_FOUND).isNull(), F.lit("unknown_impression_id"))
+        .when(target_time.isNull(), F.lit("impression_dropped"))
+        .when(F.col(TIME_US) < target_time, F.lit("before_impression"))
+        .when(F.col(TIME_US) > target_time + _window_us(cfg), F.lit("outside_window"))
+        .otherwise(_attributed_outcome(F.col(_TARGET_HELD)))
+    )
+    return joined.withColumn(OUTCOME, outcome).withColumn(
+        ATTRIBUTED_IMPRESSION_ID,
+        F.when(F.col(OUTCOME).isin(ATTRIBUTED, ATTRIBUTED_TO_HELD_BACK), F.col("impression_id")),
+    )
+
+
+def _attribute_by_user_item(events: DataFrame, marked_impressions: DataFrame, cfg: PipelineConfig) -> DataFrame:
+    """Attribute events without an impression id to the latest earlier impression of their user and item.
+
+    Impressions and events are unioned and sorted per (user, item) by time, impressions
+    before events at equal times and by ascending id among themselves, so a running
+    ``last(..., ignorenulls)`` yields the latest earlier impression with the larger id
+    on ties. This costs one shuffle and a sort, where a range join could multiply rows.
+    """
+    impressions = _kept_impressions(marked_impressions).select(
+        "user_id",
+        "item_id",
+        TIME_US,
+        F.lit(0).alias(_KIND),
+        F.col("impression_id").alias(_SORT_ID),
+        F.struct(
+            F.col("impression_id").alias("impression_id"),
+            F.col(TIME_US).alias("time_us"),
+            (F.col(OUTCOME) == HELD_BACK).alias("held"),
+        ).alias(_MATCH),
+    )
+    tagged_events = events.withColumn(_KIND, F.lit(1))
+    rows = tagged_events.unionByName(impressions, allowMissingColumns=True)
+
+    running = (
+        Window.partitionBy("user_id", "item_id")
+        .orderBy(TIME_US, _KIND, _SORT_ID)
+        .rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    )
+    whole_pair = Window.partitionBy("user_id", "item_id")
+    rows = rows.withColumn(_MATCH, F.last(_MATCH, ignorenulls=True).over(running)).withColumn(
+        _PAIR_SHOWN, F.max(F.col(_KIND) == 0).over(whole_pair)
+    )
+    matched = rows.filter(F.col(_KIND) == 1)
+
+    match = F.col(_MATCH)
+    outcome = (
+        F.when(match.isNull() & ~F.col(_PAIR_SHOWN), F.lit("no_impression"))
+        .when(match.isNull(), F.lit("before_impression"))
+        .when(F.col(TIME_US) > match["time_us"] + _window_us(cfg), F.lit("outside_window"))
+        .otherwise(_attributed_outcome(match["held"]))
+    )
+    return matched.withColumn(OUTCOME, outcome).withColumn(
+        ATTRIBUTED_IMPRESSION_ID,
+        F.when(F.col(OUTCOME).isin(ATTRIBUTED, ATTRIBUTED_TO_HELD_BACK), match["impression_id"]),
+    )
+
+
+def attribute_events(marked_impressions: DataFrame, events: DataFrame, cfg: PipelineConfig) -> DataFrame:
+    """Return one row per event with its outcome and the impression it was attributed to.
+
+    ``marked_impressions`` comes from ``mark_impressions``; ``events`` has the canonical
+    event columns (``impression_id`` may be all NULL). The result has the event columns,
+    ``OUTCOME`` (``attributed``, ``attributed_to_held_back`` or a drop reason) and
+    ``ATTRIBUTED_IMPRESSION_ID``.
+    """
+    marked = mark_invalid_events(events.select(*_EVENT_COLUMNS), cfg)
+    valid = F.col(OUTCOME).isNull()
+
+    rejected = marked.filter(~valid).withColumn(ATTRIBUTED_IMPRESSION_ID, F.lit(None).cast("bigint"))
+    with_id = _attribute_by_impression_id(
+        marked.filter(valid & F.col("impression_id").isNotNull()).drop(OUTCOME), marked_impressions, cfg
+    )
+    without_id = _attribute_by_user_item(
+        marked.filter(valid & F.col("impression_id").isNull()).drop(OUTCOME), marked_impressions, cfg
+    )
+
+    columns = [*_EVENT_COLUMNS, TIME_US, OUTCOME, ATTRIBUTED_IMPRESSION_ID]
+    parts = [frame.select(*columns) for frame in (rejected, with_id, without_id)]
+    return reduce(DataFrame.unionByName, parts)
+
+
+# --- labels ------------------------------------------------------------------
+
+
+def label_impressions(marked_impressions: DataFrame, attributed_events: DataFrame, cfg: PipelineConfig) -> DataFrame:
+    """Return the labelled impressions in the output layout: impression columns, then one int8 label per action.
+
+    Only impressions with outcome ``labelled`` are returned; a label is 1 when at least
+    one event of its action was attributed to the impression.
+    """
+    positives = (
+        attributed_events.filter(F.col(OUTCOME) == ATTRIBUTED)
+        .groupBy(F.col(ATTRIBUTED_IMPRESSION_ID).alias("impression_id"))
+        .agg(*[F.max((F.col("action") == a.name).cast("int")).alias(a.label_column) for a in cfg.actions])
+    )
+    labelled = marked_impressions.filter(F.col(OUTCOME) == LABELLED).join(positives, on="impression_id", how="left")
+
+    impression_columns = [name for name in marked_impressions.columns if name not in INTERNAL_COLUMNS]
+    labels = [F.coalesce(F.col(a.label_column), F.lit(0)).cast("tinyint").alias(a.label_column) for a in cfg.actions]
+    return labelled.select(*[quoted(name) for name in impression_columns], *labels)
+
+
+def resolve_as_of(impressions: DataFrame, events: DataFrame, as_of: datetime | None) -> tuple[int | None, str]:
+    """Return ``as_of`` in microseconds and where it came from.
+
+    Without an explicit time, the latest event timestamp is used (including events that
+    are dropped later), then the latest impression timestamp. Both empty gives None.
+    """
+    if as_of is not None:
+        return datetime_to_micros(as_of), "argument"
+    latest_event = events.agg(F.max(F.unix_micros("timestamp"))).first()[0]
+    if latest_event is not None:
+        return latest_event, "max_event_timestamp"
+    latest_impression = impressions.agg(F.max(F.unix_micros("timestamp"))).first()[0]
+    if latest_impression is not None:
+        return latest_impression, "max_impression_timestamp"
+    return None, "no_timestamps"
+
+
+# --- job ---------------------------------------------------------------------
+
+
+def run_label_join(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    impressions_path: str,
+    events_path: str,
+    out_path: str,
+    as_of: datetime | str | None = None,
+) -> dict:
+    """Label the impressions, write them to ``out_path`` with a manifest, and return the manifest.
+
+    Every input file's schema is checked before Spark reads any data. The manifest's
+    row counts are checked to add up, and ``rows_out`` and ``positives`` are counted in
+    the written files. Raise InputSchemaError for a bad input and AccountingError when
+    the counts do not add up.
+    """
+    require_utc_session(spark)
+    if isinstance(as_of, str):
+        as_of = parse_utc(as_of, "--as-of")
+    unit = cfg.columns.timestamp_unit
+    reserved = (*cfg.label_columns, *INTERNAL_COLUMNS)
+
+    # Check every file of both inputs before any Spark work.
+    impression_input = inspect_parquet_input(
+        "impressions", impressions_path, impression_specs(cfg), "columns.impressions", unit, reserved
+    )
+    event_input = inspect_parquet_input("events", events_path, event_specs(cfg), "columns.events", unit)
+
+    impressions = read_parquet_input(spark, impression_input, unit, keep_other_columns=True)
+    events = read_parquet_input(spark, event_input, unit, keep_other_columns=False)
+    if "impression_id" not in events.columns:
+        events = events.withColumn("impression_id", F.lit(None).cast("bigint"))
+
+    as_of_us, as_of_source = resolve_as_of(impressions, events, as_of)
+    logger.info("as_of %s (%s)", iso_utc(as_of_us), as_of_source)
+
+    # Persist both outcome tables: each feeds the output and the manifest counts.
+    marked = mark_impressions(impressions, cfg, as_of_us).persist(StorageLevel.MEMORY_AND_DISK)
+    attributed = attribute_events(marked, events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        labelled = label_impressions(marked, attributed, cfg)
+        write_parquet(spark, labelled, out_path)
+        impression_outcomes, event_outcomes = count_outcomes(marked, attributed)
+    finally:
+        attributed.unpersist()
+        marked.unpersist()
+
+    # Count what was written, so the manifest describes the files.
+    written = spark.read.schema(labelled.schema).parquet(str(out_path)).agg(
+        F.count(F.lit(1)).alias("rows"),
+        *[F.sum(a.label_column).alias(a.name) for a in cfg.actions],
+    ).first()
+    rows_out = written["rows"]
+    positives = {a.name: int(written[a.name] or 0) for a in cfg.actions}
+
+    manifest = {
+        "job": "label_join",
+        "as_of": iso_utc(as_of_us),
+        "as_of_source": as_of_source,
+        "attribution_windows_s": {a.name: a.window_seconds for a in cfg.actions},
+        "impressions": {
+            "rows_in": impression_input.rows,
+            "rows_out": rows_out,
+            "dropped": {reason: impression_outcomes.get(reason, 0) for reason in IMPRESSION_DROP_REASONS},
+            "held_back": {HELD_BACK: impression_outcomes.get(HELD_BACK, 0)},
+        },
+        "events": {
+            "rows_in": event_input.rows,
+            "attributed": event_outcomes.get(ATTRIBUTED, 0),
+            "attributed_to_held_back": event_outcomes.get(ATTRIBUTED_TO_HELD_BACK, 0),
+            "dropped": {reason: event_outcomes.get(reason, 0) for reason in EVENT_DROP_REASONS},
+        },
+        "positives": positives,
+        "label_columns": cfg.label_columns,
+        "missing_optional_columns": {"impressions": impression_input.absent, "events": event_input.absent},
+        "inputs": {"impressions": str(impression_input.path), "events": str(event_input.path)},
+        "output": str(out_path),
+    }
+    check_label_join_accounting(manifest, impression_outcomes.get(LABELLED, 0))
+    write_manifest(out_path, manifest)
+    return manifest
+
+
+def count_outcomes(marked_impressions: DataFrame, attributed_events: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
+    """Return the rows per outcome of impressions and of events, counted in one Spark job."""
+    outcomes = marked_impressions.select(F.lit("impressions").alias("table"), OUTCOME).unionByName(
+        attributed_events.select(F.lit("events").alias("table"), OUTCOME)
+    )
+    counts: dict[str, dict[str, int]] = {"impressions": {}, "events": {}}
+    for row in outcomes.groupBy("table", OUTCOME).count().collect():
+        counts[row["table"]][row[OUTCOME]] = row["count"]
+    return counts["impressions"], counts["events"]
+
+
+def check_label_join_accounting(manifest: dict, labelled_rows: int) -> None:
+    """Raise AccountingError unless every input row of the manifest has exactly one outcome.
+
+    ``labelled_rows`` is the number of impressions marked ``labelled`` before the write,
+    which must equal the rows counted in the written files.
+    """
+    impressions = manifest["impressions"]
+    check_balance(
+        "impressions",
+        impressions["rows_in"],
+        {"rows_out": impressions["rows_out"], **impressions["dropped"], **impressions["held_back"]},
+    )
+    check_balance("labelled impressions written", labelled_rows, {"rows_out": impressions["rows_out"]})
+
+    events = manifest["events"]
+    check_balance(
+        "events",
+        events["rows_in"],
+        {
+            ATTRIBUTED: events["attributed"],
+            ATTRIBUTED_TO_HELD_BACK: events["attributed_to_held_back"],
+            **events["dropped"],
+        },
+    )
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse the command line of the label join."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="pipeline config file (TOML)")
+    parser.add_argument("--impressions", required=True, help="impression log: a Parquet file or folder")
+    parser.add_argument("--events", required=True, help="action event log: a Parquet file or folder")
+    parser.add_argument("--out", required=True, help="output folder for the labelled Parquet and _manifest.json")
+    parser.add_argument(
+        "--as-of",
+        default=None,
+        help="UTC time (ISO 8601) up to which the event log is complete; default: the latest event time",
+    )
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config value, e.g. split.eval_days=2; repeatable",
+    )
+    parser.add_argument("--master", default=None, help="Spark master when no session is running; default: spark-submit's")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the label join from the command line and return the exit status."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.override)
+
+    spark, created_here = get_or_create_session("valuerank-label-join", master=args.master)
+    try:
+        manifest = run_label_join(spark, cfg, args.impressions, args.events, args.out, as_of=args.as_of)
+    finally:
+        if created_here:
+            spark.stop()
+
+    impressions = manifest["impressions"]
+    logger.info(
+        "label join done: %d of %d impressions labelled, %d held back, %d dropped; positives %s; wrote %s",
+        impressions["rows_out"],
+        impressions["rows_in"],
+        sum(impressions["held_back"].values()),
+        sum(impressions["dropped"].values()),
+        manifest["positives"],
+        args.out,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

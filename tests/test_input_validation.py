@@ -1,0 +1,271 @@
+"""Bad inputs and bad configs fail early with one error that names the file or key, the column and the fix."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timezone
+
+import pyarrow as pa
+import pytest
+
+from spark_jobs import downsample, label_join
+from spark_jobs.common import ColumnSpec, InputSchemaError, inspect_parquet_input, read_parquet_input
+from valuerank.config import ConfigError, config_from_dict
+
+T0 = datetime(2022, 4, 20, tzinfo=timezone.utc)
+T0_MS = 1_650_412_800_000
+
+CONFIG = {
+    "actions": [{"name": "click", "attribution_window": "1h"}],
+    "sparse_features": [{"name": "item", "column": "item_id", "num_embeddings": 100}],
+    "split": {"eval_days": 1.0},
+}
+
+
+def make_config(**sections):
+    data = copy.deepcopy(CONFIG)
+    data.update(sections)
+    return config_from_dict(data)
+
+
+def impressions(**overrides) -> dict:
+    columns = {
+        "impression_id": pa.array([1, 2], pa.int64()),
+        "user_id": pa.array([1, 2], pa.int64()),
+        "item_id": pa.array([1, 2], pa.int64()),
+        "timestamp": pa.array([T0_MS, T0_MS], pa.int64()),
+    }
+    columns.update(overrides)
+    return {name: value for name, value in columns.items() if value is not None}
+
+
+def events(**overrides) -> dict:
+    columns = {
+        "user_id": pa.array([1], pa.int64()),
+        "item_id": pa.array([1], pa.int64()),
+        "action": pa.array(["click"]),
+        "timestamp": pa.array([T0_MS + 1000], pa.int64()),
+    }
+    columns.update(overrides)
+    return {name: value for name, value in columns.items() if value is not None}
+
+
+def run_join(spark, tmp_path, cfg=None, as_of=None):
+    out = tmp_path / "labelled"
+    label_join.run_label_join(
+        spark, cfg or make_config(), str(tmp_path / "impressions"), str(tmp_path / "events"), str(out), as_of=as_of
+    )
+
+
+def test_missing_column_names_file_and_fix(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    bad = write_parquet_file("impressions/part-1.parquet", impressions(item_id=None))
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    message = str(error.value)
+    assert str(bad) in message
+    assert "part-0" not in message
+    assert "missing column 'item_id'" in message
+    assert "set columns.impressions.item_id" in message
+    assert not (tmp_path / "labelled").exists()
+
+
+def test_renamed_column_missing_names_config_key(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(columns={"impressions": {"user_id": "viewer"}})
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path, cfg)
+
+    assert "missing column 'viewer'" in str(error.value)
+    assert "columns.impressions.user_id" in str(error.value)
+
+
+def test_string_id_column_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    bad = write_parquet_file("events/part-0.parquet", events(user_id=pa.array(["u1"])))
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    message = str(error.value)
+    assert str(bad) in message
+    assert "column 'user_id'" in message
+    assert "ids must be integers" in message
+    assert "map the string ids to int64" in message
+
+
+def test_float_id_column_rejected(spark, tmp_path, write_parquet_file):
+    bad = write_parquet_file("impressions/part-0.parquet", impressions(item_id=pa.array([1.0, 2.0])))
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert str(bad) in str(error.value)
+    assert "cast the column to int64" in str(error.value)
+
+
+def test_text_timestamp_rejected(spark, tmp_path, write_parquet_file):
+    bad = write_parquet_file(
+        "impressions/part-0.parquet", impressions(timestamp=pa.array(["2022-04-20 00:00", "2022-04-20 00:01"]))
+    )
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    message = str(error.value)
+    assert str(bad) in message
+    assert "column 'timestamp'" in message
+    assert "columns.timestamp_unit ('ms')" in message
+
+
+def test_text_action_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    bad = write_parquet_file("events/part-0.parquet", events(action=pa.array([3], pa.int32())))
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert str(bad) in str(error.value)
+    assert "column 'action'" in str(error.value)
+
+
+def test_column_clash_after_rename_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions(viewer=pa.array([1, 2], pa.int64())))
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(columns={"impressions": {"user_id": "viewer"}})
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path, cfg)
+
+    assert "column 'user_id' clashes with column 'viewer'" in str(error.value)
+
+
+def test_label_column_in_input_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions(label_click=pa.array([0, 1], pa.int8())))
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert "column 'label_click'" in str(error.value)
+
+
+def test_non_parquet_file_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    stray = tmp_path / "impressions" / "notes.txt"
+    stray.write_text("not parquet")
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert str(stray) in str(error.value)
+    assert "not a readable Parquet file" in str(error.value)
+
+
+def test_missing_input_path_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert "impressions input not found" in str(error.value)
+
+
+def test_invalid_as_of_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(ConfigError) as error:
+        run_join(spark, tmp_path, as_of="yesterday")
+
+    assert "--as-of" in str(error.value)
+
+
+def test_nanosecond_and_naive_timestamps_read(spark, tmp_path, write_parquet_file):
+    nanos = pa.array([1_650_412_800_123_456_789], pa.timestamp("ns", tz="UTC"))
+    naive = pa.array([datetime(2022, 4, 20, 0, 0, 1)], pa.timestamp("us"))
+    write_parquet_file("mixed/part-0.parquet", {"impression_id": pa.array([1]), "timestamp": nanos})
+    write_parquet_file("mixed/part-1.parquet", {"impression_id": pa.array([2]), "timestamp": naive})
+    specs = [ColumnSpec("impression_id", "impression_id", "id"), ColumnSpec("timestamp", "timestamp", "timestamp")]
+
+    source = inspect_parquet_input("impressions", tmp_path / "mixed", specs, "columns.impressions", "ms")
+    frame = read_parquet_input(spark, source, "ms", keep_other_columns=False)
+    rows = frame.selectExpr("impression_id", "unix_micros(timestamp) AS micros").collect()
+
+    assert {row["impression_id"]: row["micros"] for row in rows} == {
+        1: 1_650_412_800_123_456,
+        2: 1_650_412_801_000_000,
+    }
+
+
+@pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
+def test_keep_rate_outside_range_rejected(rate):
+    with pytest.raises(ConfigError) as error:
+        make_config(downsampling={"keep_rates": {"negative": rate}})
+
+    assert "downsampling.keep_rates.negative" in str(error.value)
+    assert "outside (0, 1]" in str(error.value)
+
+
+def test_unknown_config_key_rejected():
+    with pytest.raises(ConfigError) as error:
+        make_config(downsampling={"keep_rate": {"negative": 0.5}})
+
+    assert "unknown key downsampling.keep_rate" in str(error.value)
+
+
+def test_keep_rate_key_with_unknown_pattern_rejected():
+    cfg = make_config(downsampling={"keep_rates": {"negtive": 0.5}})
+
+    with pytest.raises(ConfigError) as error:
+        downsample.check_keep_rate_keys(cfg)
+
+    assert "downsampling.keep_rates.negtive" in str(error.value)
+    assert "'negative'" in str(error.value)
+
+
+def test_keep_rate_key_with_value_needs_stratum_column():
+    cfg = make_config(downsampling={"keep_rates": {"feed/negative": 0.5}})
+
+    with pytest.raises(ConfigError) as error:
+        downsample.check_keep_rate_keys(cfg)
+
+    assert "downsampling.keep_rates.feed/negative" in str(error.value)
+    assert "downsampling.stratum_column" in str(error.value)
+
+
+def test_derived_zero_keep_rate_rejected():
+    cfg = make_config(downsampling={"stratum_column": "surface", "target_negative_ratio": 2.0})
+    counts = {"feed/negative": 50, "feed/click": 5, "search/negative": 40}
+
+    with pytest.raises(ConfigError) as error:
+        downsample.derive_keep_rates(counts, cfg)
+
+    assert "'search/negative'" in str(error.value)
+    assert "downsampling.keep_rates.search/negative" in str(error.value)
+
+
+def test_missing_stratum_column_rejected(spark, tmp_path, write_parquet_file):
+    labelled = write_parquet_file(
+        "labelled/part-0.parquet",
+        {
+            "impression_id": pa.array([1], pa.int64()),
+            "timestamp": pa.array([T0], pa.timestamp("us", tz="UTC")),
+            "label_click": pa.array([1], pa.int8()),
+        },
+    )
+    cfg = make_config(downsampling={"stratum_column": "surface"})
+
+    with pytest.raises(InputSchemaError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled.parent), str(tmp_path / "out"))
+
+    assert "missing stratum column 'surface'" in str(error.value)
+    assert "downsampling.stratum_column" in str(error.value)

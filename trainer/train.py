@@ -1,0 +1,240 @@
+"""Train and evaluate the multi-task model on the output of the downsample job.
+
+Launch with torchrun (``valuerank train`` wraps it and sets threads per rank)::
+
+    torchrun --standalone --nproc-per-node 2 -m trainer.train \\
+        --config configs/demo.toml --data runs/demo/downsampled --out runs/demo/model
+
+Without torchrun it runs as a single rank. Outputs under ``--out``: ``metrics.json``,
+``predictions/`` (Parquet), ``plots/*.png``, ``tensorboard/`` and ``checkpoint/``
+(torch.distributed.checkpoint, sharded as trained).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from tqdm import tqdm
+
+from trainer.data import SplitData
+from trainer.evaluate import evaluate
+from trainer.loss import multitask_loss
+from trainer.metrics import load_action_keep_rates
+from trainer.model import MultiTaskModel
+from trainer.reporting import make_writer, metric_line, plot_training_curves, setup_logging
+from trainer.sharding import format_plan, shard_model
+from valuerank.config import PipelineConfig, load_config, to_dict
+
+logger = logging.getLogger("valuerank.train")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(cfg: PipelineConfig) -> tuple[int, int, int, torch.device]:
+    """Join the torchrun process group, or form a one-rank group when run directly."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    rank = int(os.environ["RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+
+    if cfg.training.device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("training.device = 'cuda' but no CUDA device is visible; set training.device = 'cpu'")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    dist.init_process_group(backend=cfg.training.resolved_backend)
+    return rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), device
+
+
+class Trainer:
+    """Set up, train, evaluate and checkpoint one run. Phases: setup, train, evaluate, save."""
+
+    def __init__(self, cfg: PipelineConfig, data_dir: Path, out_dir: Path):
+        self.cfg = cfg
+        self.data_dir = data_dir
+        self.out_dir = out_dir
+        self.rank, self.world_size, self.local_world_size, self.device = init_distributed(cfg)
+        setup_logging(self.rank)
+        if "OMP_NUM_THREADS" in os.environ:
+            torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+        torch.manual_seed(cfg.training.seed)
+        np.random.seed(cfg.training.seed)
+        if self.rank == 0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+
+        # Data first: the dense statistics of the training split normalise both splits.
+        self.train_data = SplitData(data_dir / "train", cfg)
+        self.eval_data = SplitData(data_dir / "eval", cfg, dense_stats=self.train_data.dense_stats)
+        self.action_keep_rates = load_action_keep_rates(data_dir / "_manifest.json")
+        logger.info("data: %d training rows, %d evaluation rows from %s", self.train_data.num_rows, self.eval_data.num_rows, data_dir)
+
+        # Model: tables on the meta device, materialised shard by shard by DMP.
+        model = MultiTaskModel(cfg, device=torch.device("meta"))
+        self.model, self.optimizer, self.plan = shard_model(model, cfg, self.device, self.world_size, self.local_world_size)
+        logger.info("sharding plan:\n%s", format_plan(self.plan))
+
+        self.task_weights = torch.tensor([a.task_weight for a in cfg.actions], device=self.device)
+        self.writer = make_writer(self.rank, out_dir / "tensorboard")
+        self.steps_per_epoch = self.train_data.num_train_batches(self.world_size, cfg.training.batch_size)
+        logger.info(
+            "run: world_size=%d backend=%s device=%s batch_size=%d per rank, %d steps per epoch, %d epochs, threads=%d",
+            self.world_size, cfg.training.resolved_backend, self.device, cfg.training.batch_size,
+            self.steps_per_epoch, cfg.training.epochs, torch.get_num_threads(),
+        )
+
+    def train(self) -> dict:
+        """Run every epoch; return a summary with the loss history."""
+        cfg = self.cfg.training
+        names = [a.name for a in self.cfg.actions]
+        history = []
+        step = 0
+        total_steps = self.steps_per_epoch * cfg.epochs
+        progress = tqdm(total=total_steps, disable=self.rank != 0, desc="train", unit="step", mininterval=2.0)
+        interval_loss = torch.zeros(len(names) + 1, device=self.device)
+        interval_steps = 0
+        interval_start = time.perf_counter()
+        interval_examples = 0
+        start = time.perf_counter()
+
+        for epoch in range(cfg.epochs):
+            for batch in self.train_data.train_batches(epoch, self.rank, self.world_size, cfg.batch_size, cfg.seed):
+                batch = batch.to(self.device, non_blocking=True)
+
+                # Forward, backward (the embedding optimizer runs inside backward), dense step.
+                logits = self.model(batch.dense, batch.sparse)
+                row_weights = batch.weights if cfg.loss_weighting == "inverse_keep_rate" else torch.ones_like(batch.weights)
+                loss, per_action = multitask_loss(logits, batch.labels, batch.label_mask, row_weights, self.task_weights)
+                self.optimizer.zero_grad()
+                loss.backward()
+                self.optimizer.step()
+
+                step += 1
+                progress.update(1)
+                interval_loss += torch.cat([loss.detach().reshape(1), per_action])
+                interval_steps += 1
+                interval_examples += batch.batch_size
+                if step % cfg.log_every != 0 and step != total_steps:
+                    continue
+
+                # Log the interval mean over all ranks.
+                dist.all_reduce(interval_loss)
+                mean = (interval_loss / (interval_steps * self.world_size)).tolist()
+                throughput = interval_examples * self.world_size / (time.perf_counter() - interval_start)
+                per_action_mean = dict(zip(names, mean[1:]))
+                history.append({"step": step, "epoch": epoch, "loss": mean[0], "per_action": per_action_mean})
+                logger.info(metric_line(step, epoch, mean[0], per_action_mean, throughput))
+                self.writer.add_scalar("loss/total", mean[0], step)
+                for name, value in per_action_mean.items():
+                    self.writer.add_scalar(f"loss/{name}", value, step)
+                self.writer.add_scalar("throughput/examples_per_second", throughput, step)
+                interval_loss.zero_()
+                interval_steps = 0
+                interval_examples = 0
+                interval_start = time.perf_counter()
+        progress.close()
+
+        elapsed = time.perf_counter() - start
+        examples = self.steps_per_epoch and self.train_data.num_rows // self.world_size * self.world_size * cfg.epochs
+        return {
+            "steps": step,
+            "epochs": cfg.epochs,
+            "seconds": elapsed,
+            "examples_per_second": examples / elapsed if elapsed > 0 else 0.0,
+            "final_loss": history[-1]["loss"] if history else float("nan"),
+            "history": history,
+        }
+
+    def evaluate(self) -> dict | None:
+        metrics = evaluate(self.model, self.eval_data, self.cfg, self.device, self.action_keep_rates, self.out_dir)
+        if metrics is None:
+            return None
+        for name, values in metrics["actions"].items():
+            logger.info(
+                "eval action=%s auc=%.4f log_loss=%.4f ne=%.4f calibration=%.3f calibration_uncorrected=%.3f rate=%.5f",
+                name, values["auc"], values["log_loss"], values["normalized_entropy"],
+                values["calibration"], values["calibration_uncorrected"], values["observed_rate"],
+            )
+            self.writer.add_scalar(f"eval/auc/{name}", values["auc"], 0)
+            self.writer.add_scalar(f"eval/calibration/{name}", values["calibration"], 0)
+        return metrics
+
+    def save_checkpoint(self) -> Path:
+        """Save the sharded model with torch.distributed.checkpoint plus the run's metadata."""
+        path = self.out_dir / "checkpoint"
+        dcp.save({"model": self.model.state_dict()}, checkpoint_id=str(path))
+        if self.rank == 0:
+            metadata = {
+                "config": to_dict(self.cfg),
+                "world_size": self.world_size,
+                "dense_stats": self.train_data.dense_stats.to_dict(),
+                "action_keep_rates": self.action_keep_rates,
+                "plan": self.plan,
+            }
+            (path / "valuerank.json").write_text(json.dumps(metadata, indent=2, default=str))
+        return path
+
+    def run(self) -> None:
+        training = self.train()
+        metrics = self.evaluate()
+        checkpoint = self.save_checkpoint()
+        if self.rank == 0:
+            plot_training_curves(self.out_dir / "plots" / "training_curve.png", training["history"])
+            metrics.update(
+                training=training,
+                world_size=self.world_size,
+                sharding_plan=self.plan,
+                checkpoint=str(checkpoint),
+            )
+            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            logger.info("wrote %s", self.out_dir / "metrics.json")
+
+    def cleanup(self, failed: bool = False) -> None:
+        """Close the writer and leave the process group; skip the barrier after a failure,
+        because the other ranks may never reach it and the job would hang instead of exiting."""
+        self.writer.close()
+        if not failed:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="pipeline config (TOML)")
+    parser.add_argument("--data", required=True, type=Path, help="output folder of the downsample job (train/, eval/)")
+    parser.add_argument("--out", required=True, type=Path, help="folder for metrics, predictions, plots and checkpoint")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value, e.g. training.epochs=3; repeatable")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.override)
+    trainer = Trainer(cfg, args.data, args.out)
+    try:
+        trainer.run()
+    except BaseException:
+        trainer.cleanup(failed=True)
+        raise
+    trainer.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""The ``valuerank`` command: one entry point for every stage.
+
+    valuerank demo --out runs/demo
+    valuerank pipeline --config C --impressions I --events E --out DIR
+    valuerank label-join --config C --impressions I --events E --out DIR   (Spark)
+    valuerank downsample --config C --labelled DIR --out DIR             (Spark)
+    valuerank train --nproc-per-node 2 --config C --data DIR --out DIR     (torchrun)
+    valuerank generate --out DIR                     (synthetic log)
+    valuerank adapt kuairand|open-bandit --src S --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from valuerank.config import ConfigError, load_config, parse_utc
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("valuerank", "spark_jobs", "launch", "trainer"):
+        logging.getLogger(name).setLevel(logging.INFO)
+
+
+def _train(argv: list[str]) -> int:
+    from launch.local import add_arguments, run_local
+
+    parser = argparse.ArgumentParser(
+        prog="valuerank train",
+        description="Train and evaluate under torchrun on this machine; other arguments go to trainer.train "
+        "(--config, --data, --out, --override).",
+    )
+    add_arguments(parser)
+    args, trainer_args = parser.parse_known_args(argv)
+    return run_local(args.nproc_per_node, trainer_args, args.threads_per_rank)
+
+
+def _pipeline(argv: list[str]) -> int:
+    from valuerank.pipeline import PipelinePaths, run_spark_stages, run_training
+
+    parser = argparse.ArgumentParser(prog="valuerank pipeline", description="Label join, downsampling and training on one machine.")
+    parser.add_argument("--config", required=True, type=Path, help="pipeline config (TOML)")
+    parser.add_argument("--impressions", required=True, type=Path, help="impression log (Parquet file or folder)")
+    parser.add_argument("--events", required=True, type=Path, help="action event log (Parquet file or folder)")
+    parser.add_argument("--out", required=True, type=Path, help="run folder; gets labelled/, downsampled/ and model/")
+    parser.add_argument("--as-of", default=None, help="UTC time that closes attribution windows (default: latest event)")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="training ranks on this machine")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
+    args = parser.parse_args(argv)
+
+    cfg = load_config(args.config, args.override)
+    as_of = parse_utc(args.as_of, "--as-of") if args.as_of else None
+    paths = PipelinePaths(args.out)
+    run_spark_stages(cfg, args.impressions, args.events, paths, as_of=as_of)
+    run_training(args.config, paths, args.nproc_per_node, args.override)
+    print(f"metrics: {paths.model / 'metrics.json'}")
+    return 0
+
+
+def _demo(argv: list[str]) -> int:
+    from valuerank.demo import DEMO_CONFIG, run_demo
+
+    parser = argparse.ArgumentParser(prog="valuerank demo", description="Run the whole pipeline on a synthetic log with known truth.")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
+    parser.add_argument("--impressions", type=int, default=300_000, help="synthetic impressions to generate (default 300,000)")
+    parser.add_argument("--seed", type=int, default=0, help="generator seed")
+    parser.add_argument("--nproc-per-node", type=int, default=2, help="training ranks")
+    parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default configs/demo.toml)")
+    parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
+    args = parser.parse_args(argv)
+    run_demo(args.out, args.impressions, args.seed, args.nproc_per_node, args.config, args.override)
+    return 0
+
+
+def _adapt(argv: list[str]) -> int:
+    if not argv or argv[0] not in ("kuairand", "open-bandit"):
+        print("usage: valuerank adapt kuairand|open-bandit --src PATH --out DIR", file=sys.stderr)
+        return 2
+    if argv[0] == "kuairand":
+        from valuerank.adapters.kuairand import main as adapter_main
+    else:
+        from valuerank.adapters.open_bandit import main as adapter_main
+    return adapter_main(argv[1:]) or 0
+
+
+def _spark_job(module: str):
+    def run(argv: list[str]) -> int:
+        if module == "label_join":
+            from spark_jobs.label_join import main as job_main
+        else:
+            from spark_jobs.downsample import main as job_main
+        return job_main(argv)
+
+    return run
+
+
+def _generate(argv: list[str]) -> int:
+    from valuerank.synthetic import main as generate_main
+
+    return generate_main(argv) or 0
+
+
+COMMANDS = {
+    "demo": _demo,
+    "pipeline": _pipeline,
+    "label-join": _spark_job("label_join"),
+    "downsample": _spark_job("downsample"),
+    "train": _train,
+    "generate": _generate,
+    "adapt": _adapt,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__, file=sys.stderr)
+        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    _setup_logging()
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
