@@ -1,6 +1,7 @@
 """Split labelled impressions by time and downsample the training split per stratum.
 
-Run from the repository root, with the package installed (``make venv`` does it)::
+Run from the repository root with the virtual environment active (``make venv`` creates it and
+installs the package), so that spark-submit runs the job with that Python::
 
     spark-submit --master 'local[*]' spark_jobs/downsample.py --config configs/demo.toml --labelled PATH --out PATH
 
@@ -172,7 +173,7 @@ def summarize_labelled(labelled: DataFrame, path: str, cfg: PipelineConfig) -> t
     0 or 1, because such rows would fall out of both splits or into no stratum.
     """
     bad_labels = [
-        F.sum((~F.coalesce(F.col(c).cast("int").isin(0, 1), F.lit(False))).cast("int")).alias(c)
+        F.sum((~F.coalesce(F.col(c).cast("bigint").isin(0, 1), F.lit(False))).cast("int")).alias(c)
         for c in cfg.label_columns
     ]
     summary = labelled.agg(
@@ -214,7 +215,7 @@ def resolve_eval_start(cfg: PipelineConfig, max_time_us: int | None) -> tuple[in
 
 def label_pattern(cfg: PipelineConfig) -> Column:
     """Return the label pattern of each row: "negative", or its positive actions joined by "+" in config order."""
-    positives = [F.when(F.col(a.label_column) == 1, F.lit(a.name)) for a in cfg.actions]
+    positives = [F.when(F.col(a.label_column).cast("int") == 1, F.lit(a.name)) for a in cfg.actions]
     joined = F.concat_ws("+", *positives)
     return F.when(joined == "", F.lit(NEGATIVE)).otherwise(joined)
 
@@ -268,7 +269,7 @@ def derive_keep_rates(stratum_rows: dict[str, int], cfg: PipelineConfig) -> dict
         counts[value] = counts.get(value, 0) + rows
 
     rates = {}
-    for stratum in sorted(stratum_rows):
+    for stratum, rows in sorted(stratum_rows.items()):
         value, pattern = stratum_parts(stratum, cfg)
         if stratum in down.keep_rates:
             rate = KeepRate(down.keep_rates[stratum], "keep_rates")
@@ -276,7 +277,7 @@ def derive_keep_rates(stratum_rows: dict[str, int], cfg: PipelineConfig) -> dict
             rate = KeepRate(down.keep_rates[pattern], "keep_rates")
         elif pattern != NEGATIVE and down.keep_positives:
             rate = KeepRate(1.0, "keep_positives")
-        elif pattern == NEGATIVE and down.target_negative_ratio is not None:
+        elif pattern == NEGATIVE and down.target_negative_ratio is not None and rows > 0:
             wanted = down.target_negative_ratio * positives.get(value, 0)
             rate = KeepRate(min(1.0, wanted / negatives[value]), "target_negative_ratio")
         else:
@@ -295,7 +296,7 @@ def derive_keep_rates(stratum_rows: dict[str, int], cfg: PipelineConfig) -> dict
 def keep_uniform(impression_id: Column, seed: int) -> Column:
     """Return a number in [0, 1) that depends only on the seed and the impression id.
 
-    The top 53 bits of xxhash64(seed, id) are scaled to [0, 1), which a double holds exactly.
+    The top 53 bits of xxhash64(seed, id) are scaled to [0, 1), so the double is exact.
     """
     hashed = F.xxhash64(F.lit(seed).cast("bigint"), impression_id)
     return F.shiftrightunsigned(hashed, 64 - _UNIFORM_BITS).cast("double") / F.lit(float(2**_UNIFORM_BITS))
@@ -448,9 +449,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. downsampling.seed=3; repeatable",
+        help="override one config value, e.g. downsampling.seed=3 (repeatable)",
     )
-    parser.add_argument("--master", default=None, help="Spark master when no session is running; default: spark-submit's")
+    parser.add_argument(
+        "--master", default=None, help="Spark master if no session is active (default: the one spark-submit sets)"
+    )
     return parser.parse_args(argv)
 
 
@@ -459,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
+    check_keep_rate_keys(cfg)
 
     spark, created_here = get_or_create_session("valuerank-downsample", master=args.master)
     try:
@@ -469,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train = manifest["train"]
     logger.info(
-        "downsample done: train %d of %d rows kept, eval %d rows, eval start %s; wrote %s",
+        "downsample done: train %d of %d rows kept, eval %d rows, eval start %s, output %s",
         train["rows_out"],
         train["rows_in"],
         manifest["eval"]["rows_out"],

@@ -1,6 +1,7 @@
 """Label each impression with the actions that followed it within their attribution windows.
 
-Run from the repository root, with the package installed (``make venv`` does it)::
+Run from the repository root with the virtual environment active (``make venv`` creates it and
+installs the package), so that spark-submit runs the job with that Python::
 
     spark-submit --master 'local[*]' spark_jobs/label_join.py --config configs/demo.toml --impressions PATH --events PATH --out PATH [--as-of 2022-04-21T00:00:00Z]
 
@@ -15,13 +16,13 @@ Attribution of one event (all times in UTC, window ends inclusive):
 - Copies of an event (same user, item, action, timestamp and impression id) count once.
 
 An impression whose window for any action is still open at ``as_of`` (impression time +
-longest window > as_of) is held back rather than labelled negative. ``as_of`` defaults to
+maximum attribution window > as_of) is held back rather than labelled negative. ``as_of`` defaults to
 the latest event time, or the latest impression time when there are no events.
 
-Every input row ends in exactly one outcome, and ``<out>/_manifest.json`` counts them:
-impressions are labelled, held back or dropped, and events are attributed, attributed to
-a held-back impression, or dropped. The drop reasons are listed in ``IMPRESSION_DROP_REASONS``
-and ``EVENT_DROP_REASONS``; a row gets the first reason that applies, in list order.
+Every input row ends in exactly one outcome, and ``<out>/_manifest.json`` counts them.
+An impression is labelled, held back or dropped. An event is attributed, attributed to a
+held-back impression, or dropped. ``IMPRESSION_DROP_REASONS`` and ``EVENT_DROP_REASONS``
+list the drop reasons, and a row gets the first reason that applies, in list order.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ IMPRESSION_DROP_REASONS = (
     "null_timestamp",
     "duplicate_impression_id",
 )
-"""Why an impression is dropped. Of rows sharing an impression id, the earliest is kept."""
+"""Drop reasons of impressions. Of the rows sharing an impression id, the earliest is kept."""
 
 EVENT_DROP_REASONS = (
     "null_action",
@@ -76,10 +77,10 @@ EVENT_DROP_REASONS = (
     "outside_window",
     "no_impression",
 )
-"""Why an event is dropped. NULL user or item ids only matter for events without an impression id.
-``impression_dropped``: the event's impression id belongs only to dropped impressions.
-``before_impression``: the event precedes its impression, or every impression of its user and item.
-``no_impression``: its user was never shown its item."""
+"""Drop reasons of events. A NULL user or item id only matters for an event without an impression id.
+``impression_dropped`` means that the event's impression id belongs only to dropped impressions.
+``before_impression`` means that the event precedes its impression, or every impression of its
+user and item. ``no_impression`` means that its user was never shown its item."""
 
 LABELLED = "labelled"
 HELD_BACK = "open_window"
@@ -161,12 +162,12 @@ def _max_window_us(cfg: PipelineConfig) -> int:
 
 
 def mark_impressions(impressions: DataFrame, cfg: PipelineConfig, as_of_us: int | None) -> DataFrame:
-    """Add the outcome of each impression: ``labelled``, ``open_window`` or a drop reason.
+    """Add ``OUTCOME`` (``labelled``, ``open_window`` or a drop reason) and ``TIME_US`` to impressions.
 
     ``impressions`` has the canonical columns of ``read_parquet_input``. Of several rows
-    with one impression id the earliest is kept; ties are broken by user id, item id and
-    then every column of a simple type, so the choice does not depend on partitioning.
-    With ``as_of_us`` None nothing is held back. Adds ``OUTCOME`` and ``TIME_US``.
+    with one impression id, the earliest is kept. Ties go to the smaller user id, item id
+    and then the other columns of simple types, so the choice does not depend on
+    partitioning. With ``as_of_us`` None, nothing is held back.
     """
     marked = impressions.withColumn(TIME_US, F.unix_micros("timestamp"))
 
@@ -177,7 +178,7 @@ def mark_impressions(impressions: DataFrame, cfg: PipelineConfig, as_of_us: int 
         null_reason = F.when(condition, reason) if null_reason is None else null_reason.when(condition, reason)
     marked = marked.withColumn(OUTCOME, null_reason)
 
-    # Rank the valid rows of each impression id; only the first is kept.
+    # Rank the valid rows of each impression id. Only the first one is kept.
     tie_breakers = [
         quoted(f.name)
         for f in impressions.schema.fields
@@ -211,11 +212,11 @@ def _kept_impressions(marked_impressions: DataFrame) -> DataFrame:
 
 
 def mark_invalid_events(events: DataFrame, cfg: PipelineConfig) -> DataFrame:
-    """Add ``OUTCOME`` with the reason for events that cannot be attributed at all, else NULL.
+    """Add ``OUTCOME``: the drop reason of an event that cannot be attributed at all, else NULL.
 
-    Checks run in ``EVENT_DROP_REASONS`` order up to ``duplicate``. Of the copies of an
-    event, one stays valid and the others get ``duplicate``; the copies are identical in
-    every column that the job uses, so which one stays does not matter.
+    The checks run in ``EVENT_DROP_REASONS`` order up to ``duplicate``. Of the copies of
+    an event, one stays valid and the others get ``duplicate``. The copies are identical
+    in every column that the job uses, so it does not matter which one stays.
     """
     without_impression = F.col("impression_id").isNull()
     marked = events.withColumn(TIME_US, F.unix_micros("timestamp")).withColumn(
@@ -316,12 +317,12 @@ def _attribute_by_user_item(events: DataFrame, marked_impressions: DataFrame, cf
 
 
 def attribute_events(marked_impressions: DataFrame, events: DataFrame, cfg: PipelineConfig) -> DataFrame:
-    """Return one row per event with its outcome and the impression it was attributed to.
+    """Attribute events to impressions and return one row per event with its outcome.
 
-    ``marked_impressions`` comes from ``mark_impressions``; ``events`` has the canonical
-    event columns (``impression_id`` may be all NULL). The result has the event columns,
-    ``OUTCOME`` (``attributed``, ``attributed_to_held_back`` or a drop reason) and
-    ``ATTRIBUTED_IMPRESSION_ID``.
+    ``marked_impressions`` is the output of ``mark_impressions``. ``events`` has the
+    canonical event columns, and its ``impression_id`` may be NULL everywhere. The result
+    has the event columns, ``OUTCOME`` (``attributed``, ``attributed_to_held_back`` or a
+    drop reason) and ``ATTRIBUTED_IMPRESSION_ID``.
     """
     marked = mark_invalid_events(events.select(*_EVENT_COLUMNS), cfg)
     valid = F.col(OUTCOME).isNull()
@@ -343,10 +344,11 @@ def attribute_events(marked_impressions: DataFrame, events: DataFrame, cfg: Pipe
 
 
 def label_impressions(marked_impressions: DataFrame, attributed_events: DataFrame, cfg: PipelineConfig) -> DataFrame:
-    """Return the labelled impressions in the output layout: impression columns, then one int8 label per action.
+    """Join the attributed events onto the impressions with outcome ``labelled`` as label columns.
 
-    Only impressions with outcome ``labelled`` are returned; a label is 1 when at least
-    one event of its action was attributed to the impression.
+    The result has the output layout: the impression columns, then one int8 label per
+    action in config order. A label is 1 when at least one event of its action was
+    attributed to the impression.
     """
     positives = (
         attributed_events.filter(F.col(OUTCOME) == ATTRIBUTED)
@@ -361,10 +363,11 @@ def label_impressions(marked_impressions: DataFrame, attributed_events: DataFram
 
 
 def resolve_as_of(impressions: DataFrame, events: DataFrame, as_of: datetime | None) -> tuple[int | None, str]:
-    """Return ``as_of`` in microseconds and where it came from.
+    """Return ``as_of`` in microseconds and its source.
 
-    Without an explicit time, the latest event timestamp is used (including events that
-    are dropped later), then the latest impression timestamp. Both empty gives None.
+    Without an explicit time, the latest event timestamp is used, including events that
+    are dropped later. Without events, the latest impression timestamp is used, and
+    without either, None.
     """
     if as_of is not None:
         return datetime_to_micros(as_of), "argument"
@@ -415,7 +418,7 @@ def run_label_join(
     as_of_us, as_of_source = resolve_as_of(impressions, events, as_of)
     logger.info("as_of %s (%s)", iso_utc(as_of_us), as_of_source)
 
-    # Persist both outcome tables: each feeds the output and the manifest counts.
+    # Persist both outcome tables, because each feeds the output and the manifest counts.
     marked = mark_impressions(impressions, cfg, as_of_us).persist(StorageLevel.MEMORY_AND_DISK)
     attributed = attribute_events(marked, events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
     try:
@@ -509,16 +512,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--as-of",
         default=None,
-        help="UTC time (ISO 8601) up to which the event log is complete; default: the latest event time",
+        help="UTC time (ISO 8601) up to which the event log is complete (default: the latest event time)",
     )
     parser.add_argument(
         "--override",
         action="append",
         default=[],
         metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. split.eval_days=2; repeatable",
+        help="override one config value, e.g. split.eval_days=2 (repeatable)",
     )
-    parser.add_argument("--master", default=None, help="Spark master when no session is running; default: spark-submit's")
+    parser.add_argument(
+        "--master", default=None, help="Spark master if no session is active (default: the one spark-submit sets)"
+    )
     return parser.parse_args(argv)
 
 
@@ -527,17 +532,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
     cfg = load_config(args.config, args.override)
+    as_of = None if args.as_of is None else parse_utc(args.as_of, "--as-of")
 
     spark, created_here = get_or_create_session("valuerank-label-join", master=args.master)
     try:
-        manifest = run_label_join(spark, cfg, args.impressions, args.events, args.out, as_of=args.as_of)
+        manifest = run_label_join(spark, cfg, args.impressions, args.events, args.out, as_of=as_of)
     finally:
         if created_here:
             spark.stop()
 
     impressions = manifest["impressions"]
     logger.info(
-        "label join done: %d of %d impressions labelled, %d held back, %d dropped; positives %s; wrote %s",
+        "label join done: %d of %d impressions labelled, %d held back, %d dropped, positives %s, output %s",
         impressions["rows_out"],
         impressions["rows_in"],
         sum(impressions["held_back"].values()),
