@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -29,7 +28,7 @@ from pyspark.sql import functions as F
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
-"""Manifest file name; the leading underscore makes Spark and pyarrow readers of the folder skip it."""
+"""Manifest file name. The leading underscore makes Spark and pyarrow readers of the folder skip it."""
 
 NANOS_AS_LONG = "spark.sql.legacy.parquet.nanosAsLong"
 """Spark setting that reads nanosecond Parquet timestamps as int64 instead of failing."""
@@ -41,7 +40,7 @@ ColumnKind = Literal["id", "timestamp", "string"]
 
 
 class InputSchemaError(ValueError):
-    """An input is missing, empty, or has a column of the wrong type; the message names the file, column and fix."""
+    """Invalid job input: a missing or empty path, or a missing or mistyped column. The message names the file, column and fix."""
 
 
 class AccountingError(RuntimeError):
@@ -106,10 +105,10 @@ def get_or_create_session(app_name: str, master: str | None = None) -> tuple[Spa
 
 
 def require_utc_session(spark: SparkSession) -> None:
-    """Raise unless the session time zone is UTC, which the timestamp casts rely on."""
+    """Raise RuntimeError unless the session time zone is UTC, which the timestamp casts rely on."""
     zone = spark.conf.get("spark.sql.session.timeZone")
     if zone not in ("UTC", "Etc/UTC", "Z", "+00:00"):
-        raise InputSchemaError(
+        raise RuntimeError(
             f"spark.sql.session.timeZone is {zone!r}, but the jobs read and write timestamps as UTC; "
             "start Spark with --conf spark.sql.session.timeZone=UTC"
         )
@@ -190,7 +189,7 @@ class ParquetInput:
     """Columns checked and cast by the reader."""
 
     groups: list[list[Path]] = field(default_factory=list)
-    """Files grouped by identical schema; each group is read with one Spark scan."""
+    """Files grouped by identical schema. Each group is read with one Spark scan."""
 
     schemas: list[pa.Schema] = field(default_factory=list)
     """The Arrow schema of each group."""
@@ -236,12 +235,11 @@ def inspect_parquet_input(
     timestamp_unit: str,
     reserved: tuple[str, ...] = (),
 ) -> ParquetInput:
-    """Check the schema of every file under ``path`` against ``specs``; read no data.
+    """Check the schema of every file under ``path`` against ``specs``, reading only the Parquet footers.
 
     Raise InputSchemaError naming the first bad file, the column and the fix. Names in
-    ``reserved`` are output columns of the job that an input column must not take.
-    ``config_section`` (e.g. ``columns.impressions``) is quoted in the fix for a missing
-    column.
+    ``reserved`` are output columns of the job, which an input column must not take.
+    The fix for a missing column quotes ``config_section`` (e.g. ``columns.impressions``).
     """
     root, files = list_parquet_files(path, role)
     result = ParquetInput(role=role, path=root, specs=specs)
@@ -358,18 +356,20 @@ def read_parquet_input(
     """Read a checked input with canonical names and types, one Spark scan per schema group.
 
     Spec columns come first, in spec order. Optional columns that no file contains are
-    left out. With ``keep_other_columns`` every other column follows, unchanged; a column
-    that only some files have is NULL for the rest.
+    left out. With ``keep_other_columns``, every other column follows unchanged, and a
+    column that only some files have is NULL for the rest. Nanosecond timestamps, which
+    Spark reads as int64, are converted back to timestamps with microsecond precision.
     """
     require_utc_session(spark)
     frames = []
     for files, schema in zip(source.groups, source.schemas):
+        _check_nanos_readable(spark, schema, files[0], source.role)
         reader = spark.read
         if source.path.is_dir():
             # basePath keeps the partition columns of a key=value folder layout.
             reader = reader.option("basePath", str(source.path))
         frame = reader.parquet(*(str(file) for file in files))
-        frames.append(_canonical_columns(spark, frame, schema, files[0], source, timestamp_unit, keep_other_columns))
+        frames.append(_canonical_columns(frame, schema, source, timestamp_unit, keep_other_columns))
 
     result = frames[0]
     for frame in frames[1:]:
@@ -380,11 +380,25 @@ def read_parquet_input(
     return result.select(*[quoted(name) for name in spec_names + others])
 
 
+def _is_nanos(arrow_type: pa.DataType) -> bool:
+    return pa.types.is_timestamp(arrow_type) and arrow_type.unit == "ns"
+
+
+def _check_nanos_readable(spark: SparkSession, schema: pa.Schema, file: Path, role: str) -> None:
+    if spark.conf.get(NANOS_AS_LONG, "false").lower() == "true":
+        return
+    for f in schema:
+        if _is_nanos(f.type):
+            raise InputSchemaError(
+                f"{file}: column {f.name!r} of the {role} input contains nanosecond timestamps, which this "
+                f"Spark session cannot read; start Spark with --conf {NANOS_AS_LONG}=true (the jobs' own "
+                "sessions set it), or write the files with microsecond timestamps"
+            )
+
+
 def _canonical_columns(
-    spark: SparkSession,
     frame: DataFrame,
     schema: pa.Schema,
-    example_file: Path,
     source: ParquetInput,
     timestamp_unit: str,
     keep_other_columns: bool,
@@ -405,34 +419,28 @@ def _canonical_columns(
         elif spec.kind == "string":
             column = column.cast("string")
         else:
-            column = _to_timestamp(spark, column, schema.field(spec.source).type, example_file, spec, source.role, timestamp_unit)
+            column = _to_timestamp(column, schema.field(spec.source).type, timestamp_unit)
         columns.append(column.alias(spec.name))
 
-    if keep_other_columns:
-        columns.extend(quoted(name) for name in frame.columns if name not in sources)
+    if not keep_other_columns:
+        return frame.select(*columns)
+    for name in frame.columns:
+        if name in sources:
+            continue
+        is_file_column = name in schema.names
+        if is_file_column and _is_nanos(schema.field(name).type):
+            columns.append(_to_timestamp(quoted(name), schema.field(name).type, timestamp_unit).alias(name))
+        else:
+            columns.append(quoted(name))
     return frame.select(*columns)
 
 
-def _to_timestamp(
-    spark: SparkSession,
-    column: Column,
-    arrow_type: pa.DataType,
-    file: Path,
-    spec: ColumnSpec,
-    role: str,
-    timestamp_unit: str,
-) -> Column:
+def _to_timestamp(column: Column, arrow_type: pa.DataType, timestamp_unit: str) -> Column:
     if pa.types.is_integer(arrow_type):
         return _EPOCH_TO_TIMESTAMP[timestamp_unit](column.cast("bigint"))
 
-    if arrow_type.unit == "ns":
-        if spark.conf.get(NANOS_AS_LONG, "false").lower() != "true":
-            raise InputSchemaError(
-                f"{file}: column {spec.source!r} ({role} {spec.name}) holds nanosecond timestamps, which "
-                f"this Spark session cannot read; start Spark with --conf {NANOS_AS_LONG}=true (the jobs' "
-                "own sessions do), or write the files with microsecond timestamps"
-            )
-        # With nanosAsLong Spark yields int64 nanoseconds; integer division keeps full precision.
+    if _is_nanos(arrow_type):
+        # With nanosAsLong, Spark yields int64 nanoseconds. Decimal division keeps every digit.
         return F.timestamp_micros(F.floor(column.cast("decimal(20,0)") / 1000).cast("bigint"))
 
     # A timestamp without a time zone (timestamp_ntz) is taken as UTC because the session is UTC.
@@ -474,7 +482,7 @@ def write_manifest(out_path: str | os.PathLike, manifest: dict) -> Path:
     with os.fdopen(handle, "w") as stream:
         json.dump(manifest, stream, indent=2)
         stream.write("\n")
-    shutil.move(temporary, target)
+    os.replace(temporary, target)
     logger.info("wrote %s", target)
     return target
 
@@ -487,7 +495,7 @@ def read_manifest(out_path: str | os.PathLike) -> dict:
 def count_by(frame: DataFrame, *columns: str) -> dict:
     """Count rows per distinct value of ``columns`` in one Spark job.
 
-    Keys are plain values for one column and tuples for several; NULL is a key like any value.
+    Keys are plain values for one column and tuples for several. NULL is a key like any value.
     """
     counts = {}
     for row in frame.groupBy(*columns).count().collect():

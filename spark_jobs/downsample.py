@@ -16,13 +16,17 @@ set. A row is kept when a uniform number derived from a hash of the seed and its
 impression id is below its stratum's keep rate, so the same rows are kept for any
 partitioning and on every rerun. Each row gets ``weight = 1 / keep_rate``.
 
-Keep rate of a training stratum, first rule that applies:
+The keep rate of a training stratum comes from the first rule that applies:
 
-1. ``downsampling.keep_rates[stratum]``, then ``downsampling.keep_rates[label pattern]``;
-2. 1.0 for strata with a positive label when ``downsampling.keep_positives`` is on;
-3. for negative strata with ``downsampling.target_negative_ratio`` r:
-   min(1, r * positives / negatives), counted within the stratum column value (or over
-   all rows without a stratum column);
+1. ``downsampling.keep_rates`` under the full stratum name, then under the bare label
+   pattern (e.g. ``negative``).
+2. 1.0 for a stratum with a positive label, when ``downsampling.keep_positives`` is on.
+   With it off, a positive stratum must have an explicit rate: the job raises ConfigError
+   naming the stratum otherwise.
+3. For the negative stratum, when ``downsampling.target_negative_ratio`` r is set:
+   min(1, r * positives / negatives). Positives are the rows with at least one positive
+   label, and negatives are the rows without. Both are counted in the training split,
+   within one stratum column value (or over all rows without a stratum column).
 4. 1.0.
 """
 
@@ -66,7 +70,7 @@ ALL_VALUES = "__all__"
 """Group name in ``action_keep_rates`` when there is no stratum column."""
 
 OUTPUT_COLUMNS = ("stratum", "keep_rate", "weight")
-"""Columns that the job adds; the input must not have them already."""
+"""Columns that the job adds, so the input must not have them already."""
 
 _IS_EVAL = "_vr_is_eval"
 _KEPT = "_vr_kept"
@@ -238,7 +242,7 @@ def is_eval_row(eval_start_us: int | None) -> Column:
 
 
 def split_by_time(labelled: DataFrame, eval_start_us: int | None) -> tuple[DataFrame, DataFrame]:
-    """Return (train, eval) split at ``eval_start_us``; None puts every row in train."""
+    """Return (train, eval) split at ``eval_start_us``. None puts every row in train."""
     is_eval = is_eval_row(eval_start_us)
     return labelled.filter(~is_eval), labelled.filter(is_eval)
 
@@ -277,6 +281,11 @@ def derive_keep_rates(stratum_rows: dict[str, int], cfg: PipelineConfig) -> dict
             rate = KeepRate(down.keep_rates[pattern], "keep_rates")
         elif pattern != NEGATIVE and down.keep_positives:
             rate = KeepRate(1.0, "keep_positives")
+        elif pattern != NEGATIVE:
+            raise ConfigError(
+                f"downsampling.keep_positives is false, but positive stratum {stratum!r} has no keep rate; "
+                f"set downsampling.keep_rates.{pattern} (or the full stratum name) to a rate in (0, 1]"
+            )
         elif pattern == NEGATIVE and down.target_negative_ratio is not None and rows > 0:
             wanted = down.target_negative_ratio * positives.get(value, 0)
             rate = KeepRate(min(1.0, wanted / negatives[value]), "target_negative_ratio")
@@ -305,8 +314,8 @@ def keep_uniform(impression_id: Column, seed: int) -> Column:
 def decide_keep(train: DataFrame, keep_rates: dict[str, float], seed: int) -> DataFrame:
     """Add ``keep_rate``, ``weight`` (1 / keep_rate) and the internal keep flag to training rows.
 
-    Every stratum of ``train`` must be in ``keep_rates``; a row of another stratum gets a
-    NULL keep rate and is dropped.
+    Every stratum of ``train`` must be in ``keep_rates``, because a row of another stratum
+    gets a NULL keep rate and is dropped.
     """
     if keep_rates:
         entries = [item for stratum, rate in sorted(keep_rates.items()) for item in (F.lit(stratum), F.lit(float(rate)))]
@@ -359,7 +368,7 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
     """Split and downsample the labelled data, write ``<out>/train``, ``<out>/eval`` and the manifest.
 
     Returns the manifest. Its output counts are read back from the written files and
-    checked against the keep decisions; a mismatch raises AccountingError.
+    checked against the keep decisions, and a mismatch raises AccountingError.
     """
     check_keep_rate_keys(cfg)
     down = cfg.downsampling

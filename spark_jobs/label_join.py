@@ -36,7 +36,7 @@ from functools import reduce
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql.types import AtomicType
+from pyspark.sql.types import AtomicType, VariantType
 
 from spark_jobs.common import (
     ColumnSpec,
@@ -51,7 +51,7 @@ from spark_jobs.common import (
     write_manifest,
     write_parquet,
 )
-from valuerank.config import PipelineConfig, load_config, parse_utc
+from valuerank.config import ConfigError, PipelineConfig, load_config, parse_utc
 
 logger = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ def mark_impressions(impressions: DataFrame, cfg: PipelineConfig, as_of_us: int 
     tie_breakers = [
         quoted(f.name)
         for f in impressions.schema.fields
-        if f.name not in _IMPRESSION_KEYS and isinstance(f.dataType, AtomicType)
+        if f.name not in _IMPRESSION_KEYS and isinstance(f.dataType, AtomicType) and not isinstance(f.dataType, VariantType)
     ]
     by_id = Window.partitionBy("impression_id", F.col(OUTCOME).isNull()).orderBy(
         TIME_US, "user_id", "item_id", *tie_breakers
@@ -383,6 +383,29 @@ def resolve_as_of(impressions: DataFrame, events: DataFrame, as_of: datetime | N
 # --- job ---------------------------------------------------------------------
 
 
+def count_event_actions(events: DataFrame) -> dict[str, int]:
+    """Return the number of events per action name in the event log (NULL names skipped)."""
+    rows = events.filter(F.col("action").isNotNull()).groupBy("action").count().collect()
+    return {row["action"]: row["count"] for row in rows}
+
+
+def check_config_actions(cfg: PipelineConfig, event_actions: dict[str, int], events_path: str) -> None:
+    """Raise ConfigError for a configured action that never occurs in the event log.
+
+    A misspelt action would otherwise label every impression negative for it without
+    any error.
+    """
+    for i, action in enumerate(cfg.actions):
+        if action.name in event_actions:
+            continue
+        present = ", ".join(sorted(event_actions)) or "none"
+        raise ConfigError(
+            f"actions[{i}].name: action {action.name!r} does not occur in the event log {events_path} "
+            f"(actions present: {present}); fix the name, remove the action, or pass "
+            "--allow-absent-actions if it is rare and absent in this period"
+        )
+
+
 def run_label_join(
     spark: SparkSession,
     cfg: PipelineConfig,
@@ -390,6 +413,7 @@ def run_label_join(
     events_path: str,
     out_path: str,
     as_of: datetime | str | None = None,
+    allow_absent_actions: bool = False,
 ) -> dict:
     """Label the impressions, write them to ``out_path`` with a manifest, and return the manifest.
 
@@ -414,6 +438,10 @@ def run_label_join(
     events = read_parquet_input(spark, event_input, unit, keep_other_columns=False)
     if "impression_id" not in events.columns:
         events = events.withColumn("impression_id", F.lit(None).cast("bigint"))
+
+    event_actions = count_event_actions(events)
+    if not allow_absent_actions:
+        check_config_actions(cfg, event_actions, events_path)
 
     as_of_us, as_of_source = resolve_as_of(impressions, events, as_of)
     logger.info("as_of %s (%s)", iso_utc(as_of_us), as_of_source)
@@ -522,6 +550,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="override one config value, e.g. split.eval_days=2 (repeatable)",
     )
     parser.add_argument(
+        "--allow-absent-actions",
+        action="store_true",
+        help="label a configured action that never occurs in the event log as 0 instead of failing",
+    )
+    parser.add_argument(
         "--master", default=None, help="Spark master if no session is active (default: the one spark-submit sets)"
     )
     return parser.parse_args(argv)
@@ -536,7 +569,10 @@ def main(argv: list[str] | None = None) -> int:
 
     spark, created_here = get_or_create_session("valuerank-label-join", master=args.master)
     try:
-        manifest = run_label_join(spark, cfg, args.impressions, args.events, args.out, as_of=as_of)
+        manifest = run_label_join(
+            spark, cfg, args.impressions, args.events, args.out, as_of=as_of,
+            allow_absent_actions=args.allow_absent_actions,
+        )
     finally:
         if created_here:
             spark.stop()

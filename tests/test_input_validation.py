@@ -192,18 +192,22 @@ def test_invalid_as_of_rejected(spark, tmp_path, write_parquet_file):
 def test_nanosecond_and_naive_timestamps_read(spark, tmp_path, write_parquet_file):
     nanos = pa.array([1_650_412_800_123_456_789], pa.timestamp("ns", tz="UTC"))
     naive = pa.array([datetime(2022, 4, 20, 0, 0, 1)], pa.timestamp("us"))
-    write_parquet_file("mixed/part-0.parquet", {"impression_id": pa.array([1]), "timestamp": nanos})
+    write_parquet_file("mixed/part-0.parquet", {"impression_id": pa.array([1]), "timestamp": nanos, "seen_at": nanos})
     write_parquet_file("mixed/part-1.parquet", {"impression_id": pa.array([2]), "timestamp": naive})
     specs = [ColumnSpec("impression_id", "impression_id", "id"), ColumnSpec("timestamp", "timestamp", "timestamp")]
 
     source = inspect_parquet_input("impressions", tmp_path / "mixed", specs, "columns.impressions", "ms")
-    frame = read_parquet_input(spark, source, "ms", keep_other_columns=False)
-    rows = frame.selectExpr("impression_id", "unix_micros(timestamp) AS micros").collect()
+    frame = read_parquet_input(spark, source, "ms", keep_other_columns=True)
+    rows = frame.selectExpr(
+        "impression_id", "unix_micros(timestamp) AS micros", "unix_micros(seen_at) AS seen_micros"
+    ).collect()
 
     assert {row["impression_id"]: row["micros"] for row in rows} == {
         1: 1_650_412_800_123_456,
         2: 1_650_412_801_000_000,
     }
+    assert {row["impression_id"]: row["seen_micros"] for row in rows} == {1: 1_650_412_800_123_456, 2: None}
+    assert frame.schema["seen_at"].dataType.simpleString() == "timestamp"
 
 
 @pytest.mark.parametrize("rate", [0.0, -0.1, 1.5])
@@ -269,3 +273,37 @@ def test_missing_stratum_column_rejected(spark, tmp_path, write_parquet_file):
 
     assert "missing stratum column 'surface'" in str(error.value)
     assert "downsampling.stratum_column" in str(error.value)
+
+
+def test_config_action_absent_from_events_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(actions=[
+        {"name": "click", "attribution_window": "1h"},
+        {"name": "purchse", "attribution_window": "1d"},
+    ])
+
+    with pytest.raises(ConfigError) as error:
+        run_join(spark, tmp_path, cfg)
+
+    message = str(error.value)
+    assert "actions[1].name" in message
+    assert "'purchse'" in message
+    assert "actions present: click" in message
+    assert "--allow-absent-actions" in message
+
+
+def test_absent_action_allowed_when_requested(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(actions=[
+        {"name": "click", "attribution_window": "1h"},
+        {"name": "purchase", "attribution_window": "1d"},
+    ])
+    out = tmp_path / "labelled"
+
+    manifest = label_join.run_label_join(
+        spark, cfg, str(tmp_path / "impressions"), str(tmp_path / "events"), str(out), allow_absent_actions=True
+    )
+
+    assert manifest["positives"] == {"click": 1, "purchase": 0}

@@ -42,6 +42,8 @@ def predict(model: torch.nn.Module, data: SplitData, cfg: PipelineConfig, device
 
     local_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
     local_outputs = torch.cat(outputs) if outputs else torch.zeros(0, len(cfg.actions))
+    # NOTE: rank 0 receives every prediction in memory (8 bytes per action per row), which
+    # suits evaluation splits up to tens of millions of rows; beyond that, write per-rank files.
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, (local_rows.numpy(), local_outputs.numpy()))
     if rank != 0:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
 from sklearn.metrics import roc_auc_score
+
+logger = logging.getLogger(__name__)
 
 _EPS = 1e-7
 ALL_STRATA = "__all__"
@@ -33,22 +36,37 @@ def load_action_keep_rates(manifest_path: Path) -> dict[str, dict[str, dict[str,
 
 
 def keep_rates_for_rows(
-    rates: dict[str, dict[str, dict[str, float]]], action: str, stratum_value: np.ndarray | None, n: int
+    rates: dict[str, dict[str, dict[str, float | None]]], action: str, stratum_value: np.ndarray | None, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return per-row (keep_positive, keep_negative) arrays for one action."""
-    by_value = rates.get(action, {})
-    if not by_value:
-        return np.ones(n), np.ones(n)
-    if stratum_value is None or ALL_STRATA in by_value:
-        entry = by_value.get(ALL_STRATA) or next(iter(by_value.values()))
-        return np.full(n, entry["positive"]), np.full(n, entry["negative"])
+    """Return per-row (keep_positive, keep_negative) arrays for one action.
 
+    A rate of None (no training row of that class in the group) counts as 1. Rows whose
+    stratum value never occurred in training also get 1, so they stay uncorrected; the
+    count is logged.
+    """
+    by_value = rates.get(action, {})
     keep_positive = np.ones(n)
     keep_negative = np.ones(n)
+    if not by_value:
+        return keep_positive, keep_negative
+
+    if stratum_value is None or ALL_STRATA in by_value:
+        entry = by_value.get(ALL_STRATA) or next(iter(by_value.values()))
+        keep_positive[:] = entry["positive"] or 1.0
+        keep_negative[:] = entry["negative"] or 1.0
+        return keep_positive, keep_negative
+
+    matched = np.zeros(n, dtype=bool)
     for value, entry in by_value.items():
         rows = stratum_value == value
-        keep_positive[rows] = entry["positive"]
-        keep_negative[rows] = entry["negative"]
+        matched |= rows
+        keep_positive[rows] = entry["positive"] or 1.0
+        keep_negative[rows] = entry["negative"] or 1.0
+    if not matched.all():
+        logger.warning(
+            "%d evaluation rows have a stratum value without training keep rates for %r; left uncorrected",
+            int((~matched).sum()), action,
+        )
     return keep_positive, keep_negative
 
 

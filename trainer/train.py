@@ -152,7 +152,7 @@ class Trainer:
         progress.close()
 
         elapsed = time.perf_counter() - start
-        examples = self.steps_per_epoch and self.train_data.num_rows // self.world_size * self.world_size * cfg.epochs
+        examples = self.train_data.num_rows // self.world_size * self.world_size * cfg.epochs
         return {
             "steps": step,
             "epochs": cfg.epochs,
