@@ -48,9 +48,18 @@ def run_local(nproc_per_node: int, trainer_args: list[str], threads: int | None 
     return subprocess.call(command, env=env)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="ranks on this machine (default 2)")
-    parser.add_argument("--threads-per-rank", type=int, default=None, help="compute threads per rank (default: cores / ranks)")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=2, help="ranks on this machine (default 2)")
+    parser.add_argument(
+        "--threads-per-rank", type=positive_int, default=None, help="compute threads per rank (default: cores / ranks)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

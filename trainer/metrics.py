@@ -63,9 +63,11 @@ def keep_rates_for_rows(
         keep_positive[rows] = entry["positive"] or 1.0
         keep_negative[rows] = entry["negative"] or 1.0
     if not matched.all():
+        unseen = sorted(set(stratum_value[~matched].tolist()))
         logger.warning(
-            "%d evaluation rows have a stratum value without training keep rates for %r; left uncorrected",
-            int((~matched).sum()), action,
+            "%d evaluation rows have stratum values without training keep rates for %r (%s); "
+            "their predictions are left uncorrected",
+            int((~matched).sum()), action, ", ".join(map(str, unseen[:10])),
         )
     return keep_positive, keep_negative
 
@@ -108,6 +110,8 @@ def action_metrics(labels: np.ndarray, p: np.ndarray, q: np.ndarray) -> dict:
 
 def reliability_curve(labels: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bin predictions by quantile; return (mean prediction, observed rate, count) per bin."""
+    if len(p) == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
     edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
     which = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(len(edges) - 2, 0))
     counts = np.bincount(which, minlength=len(edges) - 1).astype(float)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -33,6 +34,10 @@ def setup_logging(rank: int) -> None:
     )
     for name in ("valuerank", "trainer"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    # torchrec 1.8 warns on every start that the topology was not built by its factory; the
+    # planner here gets an explicit Topology on purpose (memory budget from the config).
+    logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
 
 
 def metric_line(step: int, epoch: int, loss: float, per_action: dict[str, float], examples_per_second: float) -> str:
@@ -71,7 +76,8 @@ def plot_calibration(path: Path, labels: dict[str, np.ndarray], predictions: dic
     rows = -(-len(names) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False)
     for ax, name in zip(axes.flat, names):
-        mean_p, rate, _ = reliability_curve(labels[name], predictions[name])
+        finite = np.isfinite(predictions[name])
+        mean_p, rate, _ = reliability_curve(labels[name][finite], predictions[name][finite])
         top = max(float(mean_p.max(initial=0)), float(rate.max(initial=0)), 1e-3) * 1.1
         ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="perfect")
         ax.plot(mean_p, rate, marker="o", label="model")

@@ -1,7 +1,7 @@
 """Shard the model with the torchrec planner and DistributedModelParallel.
 
 The per-rank memory budget from the config becomes the planner topology's device memory
-(HBM on cuda, DDR on cpu), and ``sharding.allowed_sharding_types`` constrains every table.
+(HBM on cuda, DDR on cpu), of which 85% may hold embedding tables, and ``sharding.allowed_sharding_types`` constrains every table.
 On CPU with gloo the planner accepts table_wise, column_wise and data_parallel; it rejects
 row_wise and table_row_wise there ("No available sharding type and compute kernel
 combination"), so those are GPU-only choices.
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch.distributed.optim import _apply_optimizer_in_backward
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
@@ -65,10 +66,14 @@ def plan_sharding(model: MultiTaskModel, cfg: PipelineConfig, world_size: int, l
     constraints = {
         f"t_{feature.name}": ParameterConstraints(sharding_types=allowed) for feature in cfg.sparse_features
     }
+    # A fixed 15% of each rank's budget is kept for dense parameters, activations and input
+    # buffers; torchrec's default heuristic estimates them from unmaterialised tensors and
+    # warns that it can be wrong.
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=cfg.training.batch_size,
         constraints=constraints,
+        storage_reservation=FixedPercentageStorageReservation(0.15),
         debug=False,
     )
     try:

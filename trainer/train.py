@@ -15,8 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -26,14 +28,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
-from trainer.data import SplitData
+from trainer.data import DataError, SplitData
 from trainer.evaluate import evaluate
 from trainer.loss import multitask_loss
 from trainer.metrics import load_action_keep_rates
 from trainer.model import MultiTaskModel
 from trainer.reporting import make_writer, metric_line, plot_training_curves, setup_logging
-from trainer.sharding import format_plan, shard_model
-from valuerank.config import PipelineConfig, load_config, to_dict
+from trainer.sharding import ShardingConfigError, format_plan, shard_model
+from valuerank.config import ConfigError, PipelineConfig, load_config, to_dict
 
 logger = logging.getLogger("valuerank.train")
 
@@ -55,13 +57,17 @@ def init_distributed(cfg: PipelineConfig) -> tuple[int, int, int, torch.device]:
 
     if cfg.training.device == "cuda":
         if not torch.cuda.is_available():
-            raise RuntimeError("training.device = 'cuda' but no CUDA device is visible; set training.device = 'cpu'")
+            raise DeviceError("training.device = 'cuda' but no CUDA device is visible; set training.device = 'cpu'")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
     dist.init_process_group(backend=cfg.training.resolved_backend)
     return rank, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)), device
+
+
+class DeviceError(RuntimeError):
+    """The configured device is not available on this machine."""
 
 
 class Trainer:
@@ -85,6 +91,13 @@ class Trainer:
         self.eval_data = SplitData(data_dir / "eval", cfg, dense_stats=self.train_data.dense_stats)
         self.action_keep_rates = load_action_keep_rates(data_dir / "_manifest.json")
         logger.info("data: %d training rows, %d evaluation rows from %s", self.train_data.num_rows, self.eval_data.num_rows, data_dir)
+        positives = self.train_data.labels.sum(axis=0)
+        for action, count in zip(cfg.actions, positives):
+            if count == 0:
+                logger.warning(
+                    "action %r has no positive in the training split; its tower learns only negatives and its "
+                    "metrics are not meaningful", action.name,
+                )
 
         # Model: tables on the meta device, materialised shard by shard by DMP.
         model = MultiTaskModel(cfg, device=torch.device("meta"))
@@ -162,7 +175,7 @@ class Trainer:
             "history": history,
         }
 
-    def evaluate(self) -> dict | None:
+    def evaluate(self, step: int) -> dict | None:
         metrics = evaluate(self.model, self.eval_data, self.cfg, self.device, self.action_keep_rates, self.out_dir)
         if metrics is None:
             return None
@@ -172,8 +185,9 @@ class Trainer:
                 name, values["auc"], values["log_loss"], values["normalized_entropy"],
                 values["calibration"], values["calibration_uncorrected"], values["observed_rate"],
             )
-            self.writer.add_scalar(f"eval/auc/{name}", values["auc"], 0)
-            self.writer.add_scalar(f"eval/calibration/{name}", values["calibration"], 0)
+            self.writer.add_scalar(f"eval/auc/{name}", values["auc"], step)
+            self.writer.add_scalar(f"eval/normalized_entropy/{name}", values["normalized_entropy"], step)
+            self.writer.add_scalar(f"eval/calibration/{name}", values["calibration"], step)
         return metrics
 
     def save_checkpoint(self) -> Path:
@@ -193,8 +207,9 @@ class Trainer:
 
     def run(self) -> None:
         training = self.train()
-        metrics = self.evaluate()
+        # Save before evaluating, so a failure in metrics or plots never loses the model.
         checkpoint = self.save_checkpoint()
+        metrics = self.evaluate(step=training["steps"])
         if self.rank == 0:
             plot_training_curves(self.out_dir / "plots" / "training_curve.png", training["history"])
             metrics.update(
@@ -203,7 +218,7 @@ class Trainer:
                 sharding_plan=self.plan,
                 checkpoint=str(checkpoint),
             )
-            (self.out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+            (self.out_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
             logger.info("wrote %s", self.out_dir / "metrics.json")
 
     def cleanup(self, failed: bool = False) -> None:
@@ -215,8 +230,8 @@ class Trainer:
         dist.destroy_process_group()
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: list[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="pipeline config (TOML)")
     parser.add_argument("--data", required=True, type=Path, help="output folder of the downsample job (train/, eval/)")
     parser.add_argument("--out", required=True, type=Path, help="folder for metrics, predictions, plots and checkpoint")
@@ -224,17 +239,39 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def json_safe(value):
+    """Replace NaN and infinities (undefined metrics) by None, so the JSON is strict."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+USER_ERRORS = (ConfigError, DataError, ShardingConfigError, DeviceError)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = load_config(args.config, args.override)
-    trainer = Trainer(cfg, args.data, args.out)
+    try:
+        cfg = load_config(args.config, args.override)
+        trainer = Trainer(cfg, args.data, args.out)
+    except USER_ERRORS as error:
+        # Every rank hits the same input error; rank 0 reports it once.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+
     try:
         trainer.run()
     except BaseException:
         trainer.cleanup(failed=True)
         raise
     trainer.cleanup()
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

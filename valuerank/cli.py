@@ -16,6 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
+from launch.local import positive_int
 from valuerank.config import ConfigError, load_config, parse_utc
 
 
@@ -27,14 +28,34 @@ def _setup_logging() -> None:
 
 def _train(argv: list[str]) -> int:
     from launch.local import add_arguments, run_local
+    from trainer.train import parse_args as parse_trainer_args
 
     parser = argparse.ArgumentParser(
         prog="valuerank train",
-        description="Train and evaluate under torchrun on this machine; other arguments go to trainer.train "
-        "(--config, --data, --out, --override).",
+        description="Train and evaluate under torchrun on this machine. The other arguments go to "
+        "trainer.train: --config CONFIG --data DOWNSAMPLED_DIR --out OUT_DIR [--override SECTION.KEY=VALUE].",
     )
     add_arguments(parser)
     args, trainer_args = parser.parse_known_args(argv)
+
+    # Check the trainer's arguments, config and data folder here, once, before torchrun
+    # starts several ranks that would each report the same mistake.
+    trainer_namespace = parse_trainer_args(trainer_args, prog="valuerank train")
+    cfg = load_config(trainer_namespace.config, trainer_namespace.override)
+    if cfg.training.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.nproc_per_node:
+            raise UserError(
+                f"training.device = 'cuda' needs {args.nproc_per_node} GPUs on this machine, "
+                f"{torch.cuda.device_count()} visible; set training.device = 'cpu' or lower --nproc-per-node"
+            )
+    for split in ("train", "eval"):
+        if not (trainer_namespace.data / split).is_dir():
+            raise UserError(
+                f"--data {trainer_namespace.data}: missing {split}/ folder; pass the output folder of "
+                "valuerank downsample"
+            )
     return run_local(args.nproc_per_node, trainer_args, args.threads_per_rank)
 
 
@@ -47,14 +68,18 @@ def _pipeline(argv: list[str]) -> int:
     parser.add_argument("--events", required=True, type=Path, help="action event log (Parquet file or folder)")
     parser.add_argument("--out", required=True, type=Path, help="run folder; gets labelled/, downsampled/ and model/")
     parser.add_argument("--as-of", default=None, help="UTC time that closes attribution windows (default: latest event)")
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="training ranks on this machine")
+    parser.add_argument(
+        "--allow-absent-actions", action="store_true",
+        help="label a configured action that never occurs in the event log as 0 instead of failing",
+    )
+    parser.add_argument("--nproc-per-node", type=positive_int, default=2, help="training ranks on this machine")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
     args = parser.parse_args(argv)
 
     cfg = load_config(args.config, args.override)
     as_of = parse_utc(args.as_of, "--as-of") if args.as_of else None
     paths = PipelinePaths(args.out)
-    run_spark_stages(cfg, args.impressions, args.events, paths, as_of=as_of)
+    run_spark_stages(cfg, args.impressions, args.events, paths, as_of=as_of, allow_absent_actions=args.allow_absent_actions)
     run_training(args.config, paths, args.nproc_per_node, args.override)
     print(f"metrics: {paths.model / 'metrics.json'}")
     return 0
@@ -67,7 +92,7 @@ def _demo(argv: list[str]) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
     parser.add_argument("--impressions", type=int, default=300_000, help="synthetic impressions to generate (default 300,000)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
-    parser.add_argument("--nproc-per-node", type=int, default=2, help="training ranks")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=2, help="training ranks")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default configs/demo.toml)")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override one config value")
     args = parser.parse_args(argv)
@@ -114,15 +139,39 @@ COMMANDS = {
 }
 
 
+class UserError(ValueError):
+    """A command-line mistake that the CLI reports in one line."""
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that describe bad input, not a bug: reported without a traceback."""
+    from spark_jobs.common import AccountingError, InputSchemaError
+    from trainer.data import DataError
+    from trainer.sharding import ShardingConfigError
+
+    errors = [ConfigError, UserError, InputSchemaError, AccountingError, DataError, ShardingConfigError]
+    try:
+        from spark_jobs.common import OutputPathError
+    except ImportError:
+        pass
+    else:
+        errors.append(OutputPathError)
+    return tuple(errors)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print(__doc__, file=sys.stderr)
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        print(f"error: unknown command {argv[0]!r}; valid commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        return 2
+
     _setup_logging()
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except ConfigError as error:
+    except _user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

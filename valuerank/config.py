@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -376,6 +377,8 @@ def _convert(hint, value, key: str):
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -464,7 +467,9 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
 
 def _parse_override(text: str) -> tuple[list[str], object]:
     if "=" not in text:
-        raise ConfigError(f"override {text!r}: write it as section.key=value, e.g. training.epochs=2")
+        raise ConfigError(
+            f"override {text!r}: write it as section.key=value, e.g. training.epochs=2 or actions.0.value_weight=5"
+        )
     path, raw = text.split("=", 1)
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
@@ -479,11 +484,28 @@ def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) ->
         path, value = _parse_override(text)
         node = data
         for part in path[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override {text!r}: {part} is not a table")
-        node[path[-1]] = value
+            node = _child(node, part, text)
+        if isinstance(node, list):
+            node[_list_index(node, path[-1], text)] = value
+        else:
+            node[path[-1]] = value
     return validate(_build(PipelineConfig, data, ""))
+
+
+def _list_index(node: list, part: str, text: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(f"override {text!r}: {part!r} is not an index of a list with {len(node)} entries")
+    return int(part)
+
+
+def _child(node: dict | list, part: str, text: str) -> dict | list:
+    """Step into table key or list index ``part`` of an override path, creating missing tables."""
+    if isinstance(node, list):
+        return node[_list_index(node, part, text)]
+    child = node.setdefault(part, {})
+    if not isinstance(child, (dict, list)):
+        raise ConfigError(f"override {text!r}: {part} is a value, not a table or list")
+    return child
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:

@@ -44,6 +44,7 @@ def run_spark_stages(
     paths: PipelinePaths,
     as_of: datetime | None = None,
     master: str | None = None,
+    allow_absent_actions: bool = False,
 ) -> tuple[dict, dict]:
     """Run the label join and the downsampling; return both manifests."""
     from spark_jobs.common import get_or_create_session
@@ -52,7 +53,10 @@ def run_spark_stages(
 
     spark, created = get_or_create_session("valuerank-pipeline", master)
     try:
-        join_manifest = run_label_join(spark, cfg, str(impressions), str(events), str(paths.labelled), as_of=as_of)
+        join_manifest = run_label_join(
+            spark, cfg, str(impressions), str(events), str(paths.labelled), as_of=as_of,
+            allow_absent_actions=allow_absent_actions,
+        )
         down_manifest = run_downsample(spark, cfg, str(paths.labelled), str(paths.downsampled))
     finally:
         if created:

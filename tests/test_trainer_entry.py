@@ -1,0 +1,119 @@
+"""The trainer's entry points on tiny data: one rank without torchrun, and the CLI checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+CONFIG = """
+[[actions]]
+name = "click"
+attribution_window = "1h"
+value_weight = 1.0
+
+[[actions]]
+name = "report"
+attribution_window = "1d"
+value_weight = -50.0
+
+[[sparse_features]]
+name = "user"
+column = "user_id"
+num_embeddings = {num_embeddings}
+embedding_dim = 8
+
+[[dense_features]]
+column = "position"
+normalization = "log1p"
+
+[split]
+eval_days = 1
+
+[training]
+batch_size = 64
+epochs = 1
+
+[sharding]
+memory_budget_gib = {budget}
+allowed_sharding_types = ["table_wise"]
+"""
+
+
+def _write_split(folder: Path, n: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    table = pa.table(
+        {
+            "impression_id": pa.array(np.arange(n) + seed * 10_000, pa.int64()),
+            "user_id": pa.array(rng.integers(0, 50, n), pa.int64()),
+            "position": pa.array(rng.integers(1, 5, n), pa.int64()),
+            "label_click": pa.array((rng.random(n) < 0.3).astype(np.int8)),
+            # No report at all: its tower sees only negatives and its AUC is undefined.
+            "label_report": pa.array(np.zeros(n, dtype=np.int8)),
+            "keep_rate": pa.array(np.ones(n)),
+            "weight": pa.array(np.ones(n)),
+        }
+    )
+    pq.write_table(table, folder / "part-0.parquet")
+
+
+@pytest.fixture
+def data(tmp_path):
+    _write_split(tmp_path / "data" / "train", 300, seed=1)
+    _write_split(tmp_path / "data" / "eval", 101, seed=2)
+    return tmp_path
+
+
+def _config(tmp_path: Path, num_embeddings: int = 100, budget: float = 1.0) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.format(num_embeddings=num_embeddings, budget=budget))
+    return path
+
+
+def _run_trainer(tmp_path: Path, config: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "trainer.train", "--config", str(config), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+
+def test_single_rank_run_writes_strict_json(data):
+    result = _run_trainer(data, _config(data))
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((data / "out" / "metrics.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in metrics.json"))
+    assert metrics["world_size"] == 1
+    assert metrics["rows"] == 101
+    assert metrics["actions"]["report"]["auc"] is None
+    assert metrics["actions"]["click"]["auc"] is not None
+    assert "no positive in the training split" in result.stderr
+
+
+def test_table_over_budget_fails_clearly(data):
+    # 4M rows x 8 floats = 128 MB against a budget of about 10 MB.
+    result = _run_trainer(data, _config(data, num_embeddings=4_000_000, budget=0.01))
+
+    assert result.returncode == 2
+    assert "do not fit sharding.memory_budget_gib = 0.01" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_train_rejects_missing_data(tmp_path):
+    command = [sys.executable, "-m", "valuerank.cli", "train", "--config", str(_config(tmp_path)), "--data", str(tmp_path / "none"), "--out", str(tmp_path / "out")]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2
+    assert "missing train/ folder" in result.stderr
+
+
+def test_cli_unknown_command_named():
+    result = subprocess.run([sys.executable, "-m", "valuerank.cli", "trian"], capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2
+    assert "unknown command 'trian'" in result.stderr
