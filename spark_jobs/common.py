@@ -25,6 +25,8 @@ import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from valuerank.config import ConfigError, PipelineConfig
+
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "_manifest.json"
@@ -41,6 +43,14 @@ ColumnKind = Literal["id", "timestamp", "string"]
 
 class InputSchemaError(ValueError):
     """Invalid job input: a missing or empty path, or a missing or mistyped column. The message names the file, column and fix."""
+
+
+class OutputPathError(ValueError):
+    """Unsafe job output path: it overlaps an input, or it is a non-empty folder that an earlier run of the same job did not write."""
+
+
+class EmptyOutputError(ValueError):
+    """A job would write no rows, or an empty split, which usually points to a wrong setting. The message names it."""
 
 
 class AccountingError(RuntimeError):
@@ -154,6 +164,94 @@ def quoted(name: str) -> Column:
     return F.col("`" + name.replace("`", "``") + "`")
 
 
+# --- output paths ------------------------------------------------------------
+
+
+def check_output_path(job: str, out_path: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> Path:
+    """Raise OutputPathError unless ``job`` may write its output to ``out_path``; return the resolved path.
+
+    Spark's overwrite mode deletes the output folder before writing. So the output must
+    not equal, lie inside or contain any of ``inputs`` (role: path), compared after
+    resolving symbolic links and ``..``. An existing folder must be empty, or hold a
+    manifest whose ``job`` is ``job``. Call it before any Spark work.
+    """
+    out = local_path(out_path).resolve()
+    for role, path in inputs.items():
+        source = local_path(path).resolve()
+        relation = None
+        if out == source:
+            relation = "is the same path as"
+        elif source in out.parents:
+            relation = "is inside"
+        elif out in source.parents:
+            relation = "contains"
+        if relation is not None:
+            raise OutputPathError(
+                f"output {out} {relation} the {role} input {source}; writing there would delete the input or "
+                "mix the output into it. Choose an output folder outside the inputs"
+            )
+
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise OutputPathError(
+            f"output {out} is a file, which the {job} job would delete; choose an empty or new folder"
+        )
+    if not any(out.iterdir()):
+        return out
+
+    owner = _manifest_job(out)
+    if owner == job:
+        logger.info("replacing the earlier %s output in %s", job, out)
+        return out
+    found = "it has no valuerank manifest" if owner is None else f"its manifest names job {owner!r}"
+    raise OutputPathError(
+        f"output folder {out} is not empty and is not an earlier {job} output ({found}), and the job would "
+        "delete its contents; choose an empty or new folder, or delete this one"
+    )
+
+
+def _manifest_job(folder: Path) -> str | None:
+    """Return the ``job`` field of the folder's manifest, or None when it has no readable manifest."""
+    try:
+        manifest = json.loads(manifest_path(folder).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    job = manifest.get("job") if isinstance(manifest, dict) else None
+    return job if isinstance(job, str) else None
+
+
+# --- feature columns ---------------------------------------------------------
+
+
+def check_feature_columns(cfg: PipelineConfig, columns: list[str], where: str) -> None:
+    """Raise ConfigError for a sparse or dense feature whose column is not in ``columns``.
+
+    ``where`` names the checked data in the message, e.g. ``the labelled input PATH``.
+    The trainer reads these columns, so a wrong name would otherwise fail only there.
+    """
+    present = set(columns)
+    features = [
+        *(("sparse_features", i, feature.column) for i, feature in enumerate(cfg.sparse_features)),
+        *(("dense_features", i, feature.column) for i, feature in enumerate(cfg.dense_features)),
+    ]
+    for section, i, column in features:
+        if column in present:
+            continue
+        raise ConfigError(
+            f"{section}[{i}].column: column {column!r} is not in {where} (columns: {abbreviate(columns)}); "
+            f"set {section}[{i}].column to one of these columns, or add the column to the input"
+        )
+
+
+def abbreviate(names: list[str], limit: int = 16) -> str:
+    """Join ``names`` with commas, cut after ``limit`` names with a count of the rest."""
+    shown = ", ".join(names[:limit])
+    if len(names) <= limit:
+        return shown
+    return f"{shown}, and {len(names) - limit} more"
+
+
 # --- validated Parquet input -------------------------------------------------
 
 
@@ -204,6 +302,24 @@ class ParquetInput:
     def files(self) -> list[Path]:
         """All files of the input."""
         return [file for group in self.groups for file in group]
+
+    def canonical_columns(self) -> list[str]:
+        """Return the column names that ``read_parquet_input`` yields with ``keep_other_columns``.
+
+        Spec columns get their canonical names and come first. Other columns follow in
+        order of first appearance, then the partition columns of ``key=value`` folders.
+        """
+        renamed = {spec.source: spec.name for spec in self.specs}
+        names = [spec.name for spec in self.specs if spec.name not in self.absent]
+        for schema in self.schemas:
+            names.extend(name for name in schema.names if name not in renamed and name not in names)
+        if self.path.is_dir():
+            for file in self.files:
+                for part in file.relative_to(self.path).parts[:-1]:
+                    key = part.split("=", 1)[0]
+                    if "=" in part and key not in names:
+                        names.append(key)
+        return names
 
 
 def list_parquet_files(path: str | os.PathLike, role: str) -> tuple[Path, list[Path]]:

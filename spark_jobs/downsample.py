@@ -43,8 +43,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, IntegralType, TimestampNTZType, TimestampType
 
 from spark_jobs.common import (
+    EmptyOutputError,
     InputSchemaError,
     check_balance,
+    check_feature_columns,
+    check_output_path,
     count_by,
     datetime_to_micros,
     get_or_create_session,
@@ -170,11 +173,26 @@ def read_labelled(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFr
     )
 
 
-def summarize_labelled(labelled: DataFrame, path: str, cfg: PipelineConfig) -> tuple[int, int | None]:
-    """Return the row count and the newest timestamp in microseconds, in one Spark job.
+@dataclass(frozen=True)
+class LabelledSummary:
+    """Row count and time span of the labelled input."""
+
+    rows: int
+    """Rows in the labelled input."""
+
+    min_time_us: int | None
+    """Oldest timestamp in microseconds since the epoch, None without rows."""
+
+    max_time_us: int | None
+    """Newest timestamp in microseconds since the epoch, None without rows."""
+
+
+def summarize_labelled(labelled: DataFrame, path: str, cfg: PipelineConfig) -> LabelledSummary:
+    """Return the row count and the time span of the labelled input, in one Spark job.
 
     Raise InputSchemaError naming the column when a timestamp is NULL or a label is not
-    0 or 1, because such rows would fall out of both splits or into no stratum.
+    0 or 1, because such rows would fall out of both splits or into no stratum, and
+    when there are no rows at all.
     """
     bad_labels = [
         F.sum((~F.coalesce(F.col(c).cast("bigint").isin(0, 1), F.lit(False))).cast("int")).alias(c)
@@ -182,6 +200,7 @@ def summarize_labelled(labelled: DataFrame, path: str, cfg: PipelineConfig) -> t
     ]
     summary = labelled.agg(
         F.count(F.lit(1)).alias("_rows"),
+        F.min(F.unix_micros("timestamp")).alias("_min_time_us"),
         F.max(F.unix_micros("timestamp")).alias("_max_time_us"),
         F.sum(F.col("timestamp").isNull().cast("int")).alias("_null_timestamps"),
         *bad_labels,
@@ -198,7 +217,12 @@ def summarize_labelled(labelled: DataFrame, path: str, cfg: PipelineConfig) -> t
                 f"{path}: column {column!r} has {summary[column]} values that are not 0 or 1; "
                 "rerun spark_jobs/label_join.py to rebuild the labels"
             )
-    return summary["_rows"], summary["_max_time_us"]
+    if summary["_rows"] == 0:
+        raise InputSchemaError(
+            f"{path}: the labelled input contains no rows; check impressions.rows_out in the label join's "
+            "_manifest.json, and rerun the label join on a log with labelled impressions"
+        )
+    return LabelledSummary(summary["_rows"], summary["_min_time_us"], summary["_max_time_us"])
 
 
 # --- split and strata --------------------------------------------------------
@@ -215,6 +239,30 @@ def resolve_eval_start(cfg: PipelineConfig, max_time_us: int | None) -> tuple[in
     if max_time_us is None:
         return None, "split.eval_days"
     return max_time_us - round(cfg.split.eval_days * _MICROS_PER_DAY), "split.eval_days"
+
+
+def check_splits_not_empty(
+    train_rows: int, eval_rows: int, eval_start_us: int | None, eval_start_source: str,
+    summary: LabelledSummary, cfg: PipelineConfig,
+) -> None:
+    """Raise EmptyOutputError when the training or the eval split has no rows, naming the config key to change."""
+    if train_rows and eval_rows:
+        return
+
+    empty = "eval" if eval_rows == 0 else "training"
+    side = "at or after" if empty == "eval" else "before"
+    if eval_start_source == "split.eval_days":
+        fix = (
+            f"lower split.eval_days (now {cfg.split.eval_days}) below the span of the data, "
+            "or set split.eval_start instead"
+        )
+    else:
+        fix = "change split.eval_start to a time inside that span"
+    raise EmptyOutputError(
+        f"the {empty} split is empty: no labelled row is {side} the eval start {iso_utc(eval_start_us)} "
+        f"(from {eval_start_source}), and the labelled timestamps span {iso_utc(summary.min_time_us)} to "
+        f"{iso_utc(summary.max_time_us)}; {fix}"
+    )
 
 
 def label_pattern(cfg: PipelineConfig) -> Column:
@@ -368,22 +416,30 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
     """Split and downsample the labelled data, write ``<out>/train``, ``<out>/eval`` and the manifest.
 
     Returns the manifest. Its output counts are read back from the written files and
-    checked against the keep decisions, and a mismatch raises AccountingError.
+    checked against the keep decisions, and a mismatch raises AccountingError. Every
+    check of the path, the input, the config and the splits runs before the earlier
+    output is touched: OutputPathError for an unsafe output path, InputSchemaError for a
+    bad input, ConfigError for a missing feature column, EmptyOutputError for an empty split.
     """
     check_keep_rate_keys(cfg)
+    check_output_path("downsample", out_path, {"labelled": labelled_path})
     down = cfg.downsampling
     labelled = read_labelled(spark, labelled_path, cfg)
-    remove_manifest(out_path)
+    check_feature_columns(cfg, labelled.columns, f"the labelled input {labelled_path}")
     out = local_path(out_path)
 
     # Split by time and count the strata of both splits.
-    rows_in, max_time_us = summarize_labelled(labelled, labelled_path, cfg)
+    summary = summarize_labelled(labelled, labelled_path, cfg)
+    rows_in, max_time_us = summary.rows, summary.max_time_us
     eval_start_us, eval_start_source = resolve_eval_start(cfg, max_time_us)
     stratified = add_strata(labelled, cfg)
     train, eval_rows = split_by_time(stratified, eval_start_us)
     split_counts = count_by(stratified.withColumn(_IS_EVAL, is_eval_row(eval_start_us)), _IS_EVAL, "stratum")
     train_before = {stratum: n for (is_eval, stratum), n in split_counts.items() if not is_eval}
     eval_before = {stratum: n for (is_eval, stratum), n in split_counts.items() if is_eval}
+    check_splits_not_empty(
+        sum(train_before.values()), sum(eval_before.values()), eval_start_us, eval_start_source, summary, cfg
+    )
 
     # Decide the keep rates, then count the keep decisions before writing.
     keep_rates = derive_keep_rates(train_before, cfg)
@@ -392,6 +448,8 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
     planned_kept = {stratum: n for (stratum, kept), n in decisions.items() if kept}
     dropped = sum(n for (_, kept), n in decisions.items() if not kept)
 
+    # Every check passed, so replace the earlier output. A failure from here on leaves no manifest.
+    remove_manifest(out_path)
     train_out_frame = decided.filter(F.col(_KEPT)).drop(_KEPT)
     write_parquet(spark, train_out_frame, out / "train")
     write_parquet(spark, mark_eval(eval_rows), out / "eval")

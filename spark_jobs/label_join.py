@@ -40,7 +40,12 @@ from pyspark.sql.types import AtomicType, VariantType
 
 from spark_jobs.common import (
     ColumnSpec,
+    EmptyOutputError,
+    InputSchemaError,
+    ParquetInput,
     check_balance,
+    check_feature_columns,
+    check_output_path,
     datetime_to_micros,
     get_or_create_session,
     inspect_parquet_input,
@@ -417,21 +422,25 @@ def run_label_join(
 ) -> dict:
     """Label the impressions, write them to ``out_path`` with a manifest, and return the manifest.
 
-    Every input file's schema is checked before Spark reads any data. The manifest's
-    row counts are checked to add up, and ``rows_out`` and ``positives`` are counted in
-    the written files. Raise InputSchemaError for a bad input and AccountingError when
-    the counts do not add up.
+    The output path and every input file's schema are checked before Spark reads any
+    data. The manifest's row counts are checked to add up, and ``rows_out`` and
+    ``positives`` are counted in the written files. Raise OutputPathError for an unsafe
+    output path, InputSchemaError for a bad input, ConfigError for a feature column
+    that the impressions lack, EmptyOutputError when no impression is labelled (before
+    writing), and AccountingError when the counts do not add up.
     """
     require_utc_session(spark)
     if isinstance(as_of, str):
         as_of = parse_utc(as_of, "--as-of")
     unit = cfg.columns.timestamp_unit
     reserved = (*cfg.label_columns, *INTERNAL_COLUMNS)
+    check_output_path("label_join", out_path, {"impressions": impressions_path, "events": events_path})
 
-    # Check every file of both inputs before any Spark work.
+    # Check every file of both inputs and the feature columns before any Spark work.
     impression_input = inspect_parquet_input(
         "impressions", impressions_path, impression_specs(cfg), "columns.impressions", unit, reserved
     )
+    check_impressions_usable(impression_input, cfg)
     event_input = inspect_parquet_input("events", events_path, event_specs(cfg), "columns.events", unit)
 
     impressions = read_parquet_input(spark, impression_input, unit, keep_other_columns=True)
@@ -450,9 +459,11 @@ def run_label_join(
     marked = mark_impressions(impressions, cfg, as_of_us).persist(StorageLevel.MEMORY_AND_DISK)
     attributed = attribute_events(marked, events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
     try:
+        impression_outcomes, event_outcomes = count_outcomes(marked, attributed)
+        if impression_outcomes.get(LABELLED, 0) == 0:
+            raise EmptyOutputError(describe_no_labelled(marked, impression_outcomes, as_of_us, as_of_source, cfg))
         labelled = label_impressions(marked, attributed, cfg)
         write_parquet(spark, labelled, out_path)
-        impression_outcomes, event_outcomes = count_outcomes(marked, attributed)
     finally:
         attributed.unpersist()
         marked.unpersist()
@@ -491,6 +502,52 @@ def run_label_join(
     check_label_join_accounting(manifest, impression_outcomes.get(LABELLED, 0))
     write_manifest(out_path, manifest)
     return manifest
+
+
+def check_impressions_usable(impression_input: ParquetInput, cfg: PipelineConfig) -> None:
+    """Raise InputSchemaError for an impressions input without rows, and ConfigError for a missing feature column.
+
+    Both checks use the Parquet footers only. Feature columns are looked up under the
+    names that the output has, so a renamed key column is found as e.g. ``item_id``.
+    """
+    if impression_input.rows == 0:
+        raise InputSchemaError(
+            f"impressions input {impression_input.path} contains no rows in its {len(impression_input.files)} "
+            "Parquet files; pass the impression log of the period to label"
+        )
+    check_feature_columns(
+        cfg, impression_input.canonical_columns(), f"the impressions input {impression_input.path}"
+    )
+
+
+def describe_no_labelled(
+    marked_impressions: DataFrame,
+    impression_outcomes: dict[str, int],
+    as_of_us: int | None,
+    as_of_source: str,
+    cfg: PipelineConfig,
+) -> str:
+    """Return the error message for a run that labels no impression, with the counts and the likely fixes."""
+    span = marked_impressions.agg(F.min(TIME_US).alias("first"), F.max(TIME_US).alias("last")).first()
+    held_back = impression_outcomes.get(HELD_BACK, 0)
+    drops = {reason: impression_outcomes.get(reason, 0) for reason in IMPRESSION_DROP_REASONS}
+    dropped = sum(drops.values())
+    reasons = ", ".join(f"{reason} {count}" for reason, count in drops.items() if count)
+    if reasons:
+        reasons = f" ({reasons})"
+    max_window_s = _max_window_us(cfg) // 1_000_000
+
+    counts = (
+        f"as_of {iso_utc(as_of_us)} ({as_of_source}), impressions span {iso_utc(span['first'])} to "
+        f"{iso_utc(span['last'])}, {held_back} held back because the longest attribution window "
+        f"({max_window_s} s) was still open at as_of, {dropped} dropped{reasons}"
+    )
+    hints = (
+        f"Check columns.timestamp_unit ({cfg.columns.timestamp_unit!r}): for example, epoch seconds read with "
+        "unit 'ms' put as_of in 1970. Otherwise pass --as-of with the time up to which the event log is "
+        "complete, or pass a longer period of impressions"
+    )
+    return f"no impression was labelled: {counts}. {hints}"
 
 
 def count_outcomes(marked_impressions: DataFrame, attributed_events: DataFrame) -> tuple[dict[str, int], dict[str, int]]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import copy
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from spark_jobs import downsample, label_join
-from spark_jobs.common import ColumnSpec, InputSchemaError, inspect_parquet_input, read_parquet_input
+from spark_jobs.common import ColumnSpec, EmptyOutputError, InputSchemaError, inspect_parquet_input, read_parquet_input
 from valuerank.config import ConfigError, config_from_dict
 
 T0 = datetime(2022, 4, 20, tzinfo=timezone.utc)
@@ -303,7 +304,153 @@ def test_absent_action_allowed_when_requested(spark, tmp_path, write_parquet_fil
     out = tmp_path / "labelled"
 
     manifest = label_join.run_label_join(
-        spark, cfg, str(tmp_path / "impressions"), str(tmp_path / "events"), str(out), allow_absent_actions=True
+        spark, cfg, str(tmp_path / "impressions"), str(tmp_path / "events"), str(out),
+        as_of=datetime(2022, 4, 21, tzinfo=timezone.utc), allow_absent_actions=True,
     )
 
     assert manifest["positives"] == {"click": 1, "purchase": 0}
+
+
+def labelled_file(write_parquet_file, times, **extra) -> Path:
+    """Write a labelled folder with one row per time in ``times`` and return the folder."""
+    columns = {
+        "impression_id": pa.array(range(1, len(times) + 1), pa.int64()),
+        "item_id": pa.array(range(1, len(times) + 1), pa.int64()),
+        "timestamp": pa.array(times, pa.timestamp("us", tz="UTC")),
+        "label_click": pa.array([i % 2 for i in range(len(times))], pa.int8()),
+    }
+    columns.update(extra)
+    return write_parquet_file("labelled/part-0.parquet", columns).parent
+
+
+def test_impressions_without_rows_rejected(spark, tmp_path, write_parquet_file):
+    empty = {name: column.slice(0, 0) for name, column in impressions().items()}
+    write_parquet_file("impressions/part-0.parquet", empty)
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(InputSchemaError) as error:
+        run_join(spark, tmp_path)
+
+    assert f"impressions input {tmp_path / 'impressions'} contains no rows" in str(error.value)
+    assert not (tmp_path / "labelled").exists()
+
+
+def test_seconds_read_as_millis_explained(spark, tmp_path, write_parquet_file):
+    seconds = T0_MS // 1000
+    write_parquet_file("impressions/part-0.parquet", impressions(timestamp=pa.array([seconds, seconds], pa.int64())))
+    write_parquet_file("events/part-0.parquet", events(timestamp=pa.array([seconds + 60], pa.int64())))
+
+    with pytest.raises(EmptyOutputError) as error:
+        run_join(spark, tmp_path)
+
+    message = str(error.value)
+    assert "no impression was labelled" in message
+    assert "as_of 1970-01-20T02:26:52.860000Z (max_event_timestamp)" in message
+    assert "impressions span 1970-01-20T02:26:52.800000Z to 1970-01-20T02:26:52.800000Z" in message
+    assert "2 held back" in message
+    assert "0 dropped" in message
+    assert "columns.timestamp_unit ('ms')" in message
+    assert "--as-of" in message
+    assert not (tmp_path / "labelled").exists()
+
+
+def test_all_impressions_dropped_explained(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions(user_id=pa.array([None, None], pa.int64())))
+    write_parquet_file("events/part-0.parquet", events())
+
+    with pytest.raises(EmptyOutputError) as error:
+        run_join(spark, tmp_path, as_of=datetime(2022, 4, 21, tzinfo=timezone.utc))
+
+    message = str(error.value)
+    assert "0 held back" in message
+    assert "2 dropped (null_user_id 2)" in message
+    assert not (tmp_path / "labelled").exists()
+
+
+def test_join_missing_feature_column_rejected(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(dense_features=[{"column": "price"}])
+
+    with pytest.raises(ConfigError) as error:
+        run_join(spark, tmp_path, cfg)
+
+    message = str(error.value)
+    assert "dense_features[0].column: column 'price' is not in the impressions input" in message
+    assert "impression_id, user_id, item_id, timestamp" in message
+    assert not (tmp_path / "labelled").exists()
+
+
+def test_join_feature_uses_canonical_names(spark, tmp_path, write_parquet_file):
+    write_parquet_file("impressions/part-0.parquet", impressions(item_id=None, product=pa.array([1, 2], pa.int64())))
+    write_parquet_file("events/part-0.parquet", events())
+    cfg = make_config(
+        columns={"impressions": {"item_id": "product"}},
+        sparse_features=[{"name": "item", "column": "product", "num_embeddings": 100}],
+    )
+
+    with pytest.raises(ConfigError) as error:
+        run_join(spark, tmp_path, cfg)
+
+    message = str(error.value)
+    assert "sparse_features[0].column: column 'product'" in message
+    assert "item_id" in message
+
+
+def test_downsample_missing_feature_column_rejected(spark, tmp_path, write_parquet_file):
+    labelled = labelled_file(write_parquet_file, [T0, T0 + timedelta(days=2)])
+    cfg = make_config(sparse_features=[
+        {"name": "item", "column": "item_id", "num_embeddings": 100},
+        {"name": "author", "column": "author_id", "num_embeddings": 100},
+    ])
+
+    with pytest.raises(ConfigError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled), str(tmp_path / "out"))
+
+    message = str(error.value)
+    assert "sparse_features[1].column: column 'author_id' is not in the labelled input" in message
+    assert "impression_id, item_id, timestamp, label_click" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_long_column_list_abbreviated(spark, tmp_path, write_parquet_file):
+    extra = {f"feature_{i:02d}": pa.array([0.0, 1.0]) for i in range(40)}
+    labelled = labelled_file(write_parquet_file, [T0, T0 + timedelta(days=2)], **extra)
+    cfg = make_config(dense_features=[{"column": "feature_99"}])
+
+    with pytest.raises(ConfigError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled), str(tmp_path / "out"))
+
+    message = str(error.value)
+    assert "feature_10" in message
+    assert "feature_39" not in message
+    assert "and 28 more" in message
+
+
+def test_empty_eval_split_explained(spark, tmp_path, write_parquet_file):
+    labelled = labelled_file(write_parquet_file, [T0, T0 + timedelta(days=2)])
+    cfg = make_config(split={"eval_start": "2022-05-01T00:00:00Z"})
+
+    with pytest.raises(EmptyOutputError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled), str(tmp_path / "out"))
+
+    message = str(error.value)
+    assert "the eval split is empty" in message
+    assert "eval start 2022-05-01T00:00:00Z (from split.eval_start)" in message
+    assert "labelled timestamps span 2022-04-20T00:00:00Z to 2022-04-22T00:00:00Z" in message
+    assert "change split.eval_start" in message
+    assert not (tmp_path / "out").exists()
+
+
+def test_empty_training_split_explained(spark, tmp_path, write_parquet_file):
+    labelled = labelled_file(write_parquet_file, [T0, T0 + timedelta(days=2)])
+    cfg = make_config(split={"eval_days": 5.0})
+
+    with pytest.raises(EmptyOutputError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled), str(tmp_path / "out"))
+
+    message = str(error.value)
+    assert "the training split is empty" in message
+    assert "eval start 2022-04-17T00:00:00Z (from split.eval_days)" in message
+    assert "labelled timestamps span 2022-04-20T00:00:00Z to 2022-04-22T00:00:00Z" in message
+    assert "lower split.eval_days" in message

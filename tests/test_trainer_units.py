@@ -179,3 +179,17 @@ def test_torchrun_command_is_standalone():
     command = torchrun_command(2, ["--config", "c.toml"])
     assert "--standalone" in command
     assert command[-2:] == ["--config", "c.toml"]
+
+
+def test_label_column_as_feature_rejected():
+    from valuerank.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"dense_features\[0\].column: 'label_click' is a label"):
+        config_from_dict(
+            {
+                "actions": [{"name": "click", "attribution_window": "1h"}],
+                "sparse_features": [{"name": "user", "column": "user_id", "num_embeddings": 10}],
+                "dense_features": [{"column": "label_click"}],
+                "split": {"eval_days": 1},
+            }
+        )

@@ -145,17 +145,14 @@ class UserError(ValueError):
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe bad input, not a bug: reported without a traceback."""
-    from spark_jobs.common import AccountingError, InputSchemaError
+    from spark_jobs.common import AccountingError, EmptyOutputError, InputSchemaError, OutputPathError
     from trainer.data import DataError
     from trainer.sharding import ShardingConfigError
 
-    errors = [ConfigError, UserError, InputSchemaError, AccountingError, DataError, ShardingConfigError]
-    try:
-        from spark_jobs.common import OutputPathError
-    except ImportError:
-        pass
-    else:
-        errors.append(OutputPathError)
+    errors = [
+        ConfigError, UserError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
+        DataError, ShardingConfigError,
+    ]
     return tuple(errors)
 
 

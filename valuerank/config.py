@@ -420,6 +420,16 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             raise ConfigError(f"{key}.num_embeddings: must be positive, got {feature.num_embeddings}")
         if feature.embedding_dim <= 0:
             raise ConfigError(f"{key}.embedding_dim: must be positive, got {feature.embedding_dim}")
+    # A feature that reads a label or a downsampling column would leak the answer into the model.
+    reserved = {*cfg.label_columns, "weight", "keep_rate", "stratum"}
+    for kind, features in (("sparse_features", cfg.sparse_features), ("dense_features", cfg.dense_features)):
+        for i, feature in enumerate(features):
+            if feature.column in reserved:
+                raise ConfigError(
+                    f"{kind}[{i}].column: {feature.column!r} is a label or downsampling column, which would "
+                    "leak the outcome into the features; use an input column"
+                )
+
     down = cfg.downsampling
     for stratum, rate in down.keep_rates.items():
         if not 0 < rate <= 1:
