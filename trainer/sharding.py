@@ -67,8 +67,8 @@ def plan_sharding(model: MultiTaskModel, cfg: PipelineConfig, world_size: int, l
         f"t_{feature.name}": ParameterConstraints(sharding_types=allowed) for feature in cfg.sparse_features
     }
     # A fixed 15% of each rank's budget is kept for dense parameters, activations and input
-    # buffers; torchrec's default heuristic estimates them from unmaterialised tensors and
-    # warns that it can be wrong.
+    # buffers. torchrec's default heuristic estimates them from unmaterialised tensors, and
+    # torchrec 1.8 warns that this estimate can be wrong.
     planner = EmbeddingShardingPlanner(
         topology=topology,
         batch_size=cfg.training.batch_size,

@@ -207,7 +207,7 @@ class Trainer:
 
     def run(self) -> None:
         training = self.train()
-        # Save before evaluating, so a failure in metrics or plots never loses the model.
+        # Save before evaluating, so that an error in metrics or plots keeps the trained model.
         checkpoint = self.save_checkpoint()
         metrics = self.evaluate(step=training["steps"])
         if self.rank == 0:
@@ -222,8 +222,11 @@ class Trainer:
             logger.info("wrote %s", self.out_dir / "metrics.json")
 
     def cleanup(self, failed: bool = False) -> None:
-        """Close the writer and leave the process group; skip the barrier after a failure,
-        because the other ranks may never reach it and the job would hang instead of exiting."""
+        """Close the writer and leave the process group.
+
+        After a failure the barrier is skipped, because the other ranks may never reach it
+        and the job would hang instead of exiting.
+        """
         self.writer.close()
         if not failed:
             dist.barrier()
