@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     _setup_logging()
+    # Sub-commands build their own argparse parsers, which take the program name for their
+    # usage line from sys.argv[0].
+    sys.argv[0] = f"valuerank {argv[0]}"
     try:
         return COMMANDS[argv[0]](argv[1:])
     except _user_errors() as error:
