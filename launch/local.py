@@ -39,6 +39,30 @@ def torchrun_command(nproc_per_node: int, trainer_args: list[str]) -> list[str]:
     ]
 
 
+def preflight(nproc_per_node: int, trainer_args: list[str], prog: str) -> None:
+    """Check the trainer's arguments, config, data and output folder before torchrun starts.
+
+    Raises the same errors that each rank would raise (ConfigError, DataError,
+    OutputPathError), so that the user sees one message instead of one per rank.
+    """
+    from trainer.preflight import check_data, check_out_dir
+    from trainer.train import DeviceError, parse_args
+    from valuerank.config import load_config
+
+    args = parse_args(trainer_args, prog=prog)
+    cfg = load_config(args.config, args.override)
+    if cfg.training.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < nproc_per_node:
+            raise DeviceError(
+                f"training.device = 'cuda' needs {nproc_per_node} GPUs on this machine, "
+                f"{torch.cuda.device_count()} visible; set training.device = 'cpu' or lower --nproc-per-node"
+            )
+    check_data(cfg, args.data)
+    check_out_dir(args.out, args.data)
+
+
 def run_local(nproc_per_node: int, trainer_args: list[str], threads: int | None = None) -> int:
     """Start torchrun and wait; return its exit code."""
     env = dict(os.environ)
@@ -68,4 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("trainer_args", nargs=argparse.REMAINDER, help="arguments after -- go to trainer.train")
     args = parser.parse_args(argv)
     trainer_args = args.trainer_args[1:] if args.trainer_args[:1] == ["--"] else args.trainer_args
+    from valuerank.cli import user_errors
+
+    try:
+        preflight(args.nproc_per_node, trainer_args, prog="python -m launch local --")
+    except user_errors() as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     return run_local(args.nproc_per_node, trainer_args, args.threads_per_rank)

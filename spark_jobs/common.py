@@ -26,6 +26,8 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from valuerank.config import ConfigError, PipelineConfig
+from valuerank.output_paths import OutputPathError
+from valuerank.output_paths import check_output_path as check_local_output_path
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,6 @@ ColumnKind = Literal["id", "timestamp", "string"]
 
 class InputSchemaError(ValueError):
     """Invalid job input: a missing or empty path, or a missing or mistyped column. The message names the file, column and fix."""
-
-
-class OutputPathError(ValueError):
-    """Unsafe job output path: it overlaps an input, or it is a non-empty folder that an earlier run of the same job did not write."""
 
 
 class EmptyOutputError(ValueError):
@@ -170,55 +168,11 @@ def quoted(name: str) -> Column:
 def check_output_path(job: str, out_path: str | os.PathLike, inputs: dict[str, str | os.PathLike]) -> Path:
     """Raise OutputPathError unless ``job`` may write its output to ``out_path``; return the resolved path.
 
-    Spark's overwrite mode deletes the output folder before writing. So the output must
-    not equal, lie inside or contain any of ``inputs`` (role: path), compared after
-    resolving symbolic links and ``..``. An existing folder must be empty, or hold a
-    manifest whose ``job`` is ``job``. Call it before any Spark work.
+    Spark's overwrite mode deletes the output folder before writing, so the rules of
+    ``valuerank.output_paths.check_output_path`` apply. Call it before any Spark work.
     """
-    out = local_path(out_path).resolve()
-    for role, path in inputs.items():
-        source = local_path(path).resolve()
-        relation = None
-        if out == source:
-            relation = "is the same path as"
-        elif source in out.parents:
-            relation = "is inside"
-        elif out in source.parents:
-            relation = "contains"
-        if relation is not None:
-            raise OutputPathError(
-                f"output {out} {relation} the {role} input {source}; writing there would delete the input or "
-                "mix the output into it. Choose an output folder outside the inputs"
-            )
-
-    if not out.exists():
-        return out
-    if not out.is_dir():
-        raise OutputPathError(
-            f"output {out} is a file, which the {job} job would delete; choose an empty or new folder"
-        )
-    if not any(out.iterdir()):
-        return out
-
-    owner = _manifest_job(out)
-    if owner == job:
-        logger.info("replacing the earlier %s output in %s", job, out)
-        return out
-    found = "it has no valuerank manifest" if owner is None else f"its manifest names job {owner!r}"
-    raise OutputPathError(
-        f"output folder {out} is not empty and is not an earlier {job} output ({found}), and the job would "
-        "delete its contents; choose an empty or new folder, or delete this one"
-    )
-
-
-def _manifest_job(folder: Path) -> str | None:
-    """Return the ``job`` field of the folder's manifest, or None when it has no readable manifest."""
-    try:
-        manifest = json.loads(manifest_path(folder).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    job = manifest.get("job") if isinstance(manifest, dict) else None
-    return job if isinstance(job, str) else None
+    local_inputs = {role: local_path(path) for role, path in inputs.items()}
+    return check_local_output_path(job, local_path(out_path), local_inputs, MANIFEST_NAME)
 
 
 # --- feature columns ---------------------------------------------------------

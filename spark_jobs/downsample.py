@@ -43,8 +43,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, IntegralType, TimestampNTZType, TimestampType
 
 from spark_jobs.common import (
+    AccountingError,
     EmptyOutputError,
     InputSchemaError,
+    OutputPathError,
     check_balance,
     check_feature_columns,
     check_output_path,
@@ -62,6 +64,9 @@ from spark_jobs.common import (
 from valuerank.config import ConfigError, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
+
+USER_ERRORS = (ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError)
+"""Errors caused by the input or the config, reported in one line instead of a traceback."""
 
 NEGATIVE = "negative"
 """Label pattern of a row without any positive label."""
@@ -524,7 +529,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     """Run the downsampling job from the command line and return the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -548,6 +553,15 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job from the command line; report bad input in one line and return 2."""
+    try:
+        return _main(argv)
+    except USER_ERRORS as error:
+        logger.error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

@@ -39,9 +39,11 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import AtomicType, VariantType
 
 from spark_jobs.common import (
+    AccountingError,
     ColumnSpec,
     EmptyOutputError,
     InputSchemaError,
+    OutputPathError,
     ParquetInput,
     check_balance,
     check_feature_columns,
@@ -59,6 +61,9 @@ from spark_jobs.common import (
 from valuerank.config import ConfigError, PipelineConfig, load_config, parse_utc
 
 logger = logging.getLogger(__name__)
+
+USER_ERRORS = (ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError)
+"""Errors caused by the input or the config, reported in one line instead of a traceback."""
 
 IMPRESSION_DROP_REASONS = (
     "null_impression_id",
@@ -617,7 +622,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None = None) -> int:
     """Run the label join from the command line and return the exit status."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = parse_args(argv)
@@ -645,6 +650,15 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the job from the command line; report bad input in one line and return 2."""
+    try:
+        return _main(argv)
+    except USER_ERRORS as error:
+        logger.error("%s", error)
+        return 2
 
 
 if __name__ == "__main__":

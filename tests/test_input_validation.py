@@ -454,3 +454,21 @@ def test_empty_training_split_explained(spark, tmp_path, write_parquet_file):
     assert "eval start 2022-04-17T00:00:00Z (from split.eval_days)" in message
     assert "labelled timestamps span 2022-04-20T00:00:00Z to 2022-04-22T00:00:00Z" in message
     assert "lower split.eval_days" in message
+
+
+def test_job_main_reports_bad_input_with_exit_two(spark, tmp_path, write_parquet_file, caplog):
+    write_parquet_file("impressions/part-0.parquet", impressions())
+    write_parquet_file("events/part-0.parquet", events())
+    config = tmp_path / "config.toml"
+    config.write_text(
+        '[[actions]]\nname = "click"\nattribution_window = "1h"\n'
+        '[[sparse_features]]\nname = "item"\ncolumn = "item_id"\nnum_embeddings = 100\n'
+        "[split]\neval_days = 1.0\n"
+    )
+    argv = ["--config", str(config), "--impressions", str(tmp_path / "impressions"), "--events", str(tmp_path / "events")]
+
+    code = label_join.main([*argv, "--out", str(tmp_path / "impressions")])
+
+    assert code == 2
+    assert "is the same path as the impressions input" in caplog.text
+    assert (tmp_path / "impressions" / "part-0.parquet").exists()

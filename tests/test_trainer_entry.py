@@ -117,3 +117,50 @@ def test_cli_unknown_command_named():
 
     assert result.returncode == 2
     assert "unknown command 'trian'" in result.stderr
+
+
+def test_output_inside_data_rejected(data):
+    result = subprocess.run(
+        [sys.executable, "-m", "trainer.train", "--config", str(_config(data)), "--data", str(data / "data"), "--out", str(data / "data" / "train" / "model")],
+        capture_output=True, text=True, timeout=600,
+    )
+
+    assert result.returncode == 2
+    assert "is inside the data input" in result.stderr
+    assert not (data / "data" / "train" / "model").exists()
+
+
+def test_output_with_foreign_files_rejected(data):
+    (data / "out").mkdir()
+    (data / "out" / "notes.txt").write_text("keep me")
+
+    result = _run_trainer(data, _config(data))
+
+    assert result.returncode == 2
+    assert "is not an earlier train output" in result.stderr
+    assert (data / "out" / "notes.txt").read_text() == "keep me"
+
+
+def test_rerun_replaces_earlier_outputs(data):
+    first = _run_trainer(data, _config(data))
+    stale = data / "out" / "tensorboard" / "stale.tfevents"
+    stale.write_text("")
+
+    second = _run_trainer(data, _config(data))
+
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert not stale.exists()
+    assert (data / "out" / "metrics.json").exists()
+
+
+def test_cli_train_rejects_missing_column(data):
+    config = _config(data)
+    config.write_text(config.read_text().replace('column = "position"', 'column = "slot"'))
+    command = [sys.executable, "-m", "valuerank.cli", "train", "--config", str(config), "--data", str(data / "data"), "--out", str(data / "out")]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2
+    assert "missing column 'slot'" in result.stderr
+    assert "Traceback" not in result.stderr

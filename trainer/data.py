@@ -222,11 +222,18 @@ def _read_table(path: Path) -> pa.Table:
     return table
 
 
+def required_columns(cfg: PipelineConfig) -> list[str]:
+    """Columns of the downsampled data that the trainer reads."""
+    return [
+        "impression_id",
+        *cfg.label_columns,
+        *(f.column for f in cfg.sparse_features),
+        *(f.column for f in cfg.dense_features),
+    ]
+
+
 def _check_columns(table: pa.Table, cfg: PipelineConfig, path: Path) -> None:
-    required = ["impression_id", *cfg.label_columns]
-    required += [f.column for f in cfg.sparse_features]
-    required += [f.column for f in cfg.dense_features]
-    missing = [c for c in required if c not in table.column_names]
+    missing = [c for c in required_columns(cfg) if c not in table.column_names]
     if missing:
         raise DataError(
             f"{path}: missing column {missing[0]!r} named in the config; columns present: "
@@ -253,14 +260,23 @@ def _jagged_ids(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -> 
             f"{array.type}; expected integer ids or a list of integer ids"
         )
     if raw.null_count:
-        raw = raw.fill_null(0)
-        logger.warning("%s: %d NULL ids inside lists of %r were mapped to id 0", path, raw.null_count, feature.column)
+        # Drop NULL ids inside lists and shorten their rows, rather than looking up a real id.
+        valid = pc.is_valid(raw).to_numpy(zero_copy_only=False)
+        row_of_value = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        kept_per_row = np.bincount(row_of_value[valid], minlength=len(offsets) - 1)
+        logger.warning("%s: dropped %d NULL ids inside lists of %r", path, int((~valid).sum()), feature.column)
+        offsets = np.concatenate([[0], np.cumsum(kept_per_row)]).astype(np.int64)
+        raw = raw.filter(pa.array(valid))
     if not pa.types.is_integer(raw.type):
         raise DataError(
             f"{path}: column {feature.column!r} holds lists of {raw.type}; expected integer ids"
         )
     ids = raw.to_numpy(zero_copy_only=False).astype(np.int64)
-    return JaggedIds(offsets=offsets, values=bucketize_ids(ids, feature, source=f"{path}:{feature.column}"))
+    try:
+        values = bucketize_ids(ids, feature, source=f"{path}:{feature.column}")
+    except ValueError as error:
+        raise DataError(str(error)) from error
+    return JaggedIds(offsets=offsets, values=values)
 
 
 def _float_column(table: pa.Table, column: str, path: Path) -> np.ndarray:

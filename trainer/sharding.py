@@ -79,10 +79,16 @@ def plan_sharding(model: MultiTaskModel, cfg: PipelineConfig, world_size: int, l
     try:
         return planner.collective_plan(model, None, dist.GroupMember.WORLD)
     except PlannerError as error:
+        splitting = "row_wise" if device_type == "cuda" else "column_wise"
+        advice = "raise the budget or add ranks"
+        if splitting not in allowed:
+            advice += f", or allow {splitting}, which splits one table across ranks"
+        elif device_type == "cpu":
+            # torchrec 1.8 planner constant MIN_CW_DIM: column shards are at least 128 wide.
+            advice += ", or use embedding_dim of at least 256 so that column_wise can split a table"
         raise ShardingConfigError(
             f"the embedding tables do not fit sharding.memory_budget_gib = {cfg.sharding.memory_budget_gib} "
-            f"on {world_size} rank(s) with sharding types {allowed}: {error}. Raise the budget, add ranks, "
-            "or allow column_wise (cpu) or row_wise (cuda)"
+            f"on {world_size} rank(s) with sharding types {allowed}: {error}. To fix it, {advice}"
         ) from error
 
 

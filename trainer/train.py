@@ -33,9 +33,11 @@ from trainer.evaluate import evaluate
 from trainer.loss import multitask_loss
 from trainer.metrics import load_action_keep_rates
 from trainer.model import MultiTaskModel
+from trainer.preflight import check_out_dir, reset_out_dir
 from trainer.reporting import make_writer, metric_line, plot_training_curves, setup_logging
 from trainer.sharding import ShardingConfigError, format_plan, shard_model
 from valuerank.config import ConfigError, PipelineConfig, load_config, to_dict
+from valuerank.output_paths import OutputPathError
 
 logger = logging.getLogger("valuerank.train")
 
@@ -83,8 +85,11 @@ class Trainer:
             torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
         torch.manual_seed(cfg.training.seed)
         np.random.seed(cfg.training.seed)
+        # Every rank checks the output folder; rank 0 clears an earlier run's outputs.
+        check_out_dir(out_dir, data_dir)
         if self.rank == 0:
-            out_dir.mkdir(parents=True, exist_ok=True)
+            reset_out_dir(out_dir)
+        dist.barrier()
 
         # Data first: the dense statistics of the training split normalise both splits.
         self.train_data = SplitData(data_dir / "train", cfg)
@@ -253,7 +258,7 @@ def json_safe(value):
     return value
 
 
-USER_ERRORS = (ConfigError, DataError, ShardingConfigError, DeviceError)
+USER_ERRORS = (ConfigError, DataError, ShardingConfigError, DeviceError, OutputPathError)
 
 
 def main(argv: list[str] | None = None) -> int:

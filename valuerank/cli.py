@@ -27,8 +27,7 @@ def _setup_logging() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from launch.local import add_arguments, run_local
-    from trainer.train import parse_args as parse_trainer_args
+    from launch.local import add_arguments, preflight, run_local
 
     parser = argparse.ArgumentParser(
         prog="valuerank train",
@@ -38,28 +37,13 @@ def _train(argv: list[str]) -> int:
     add_arguments(parser)
     args, trainer_args = parser.parse_known_args(argv)
 
-    # Check the trainer's arguments, config and data folder here, once, before torchrun
-    # starts several ranks that would each report the same mistake.
-    trainer_namespace = parse_trainer_args(trainer_args, prog="valuerank train")
-    cfg = load_config(trainer_namespace.config, trainer_namespace.override)
-    if cfg.training.device == "cuda":
-        import torch
-
-        if torch.cuda.device_count() < args.nproc_per_node:
-            raise UserError(
-                f"training.device = 'cuda' needs {args.nproc_per_node} GPUs on this machine, "
-                f"{torch.cuda.device_count()} visible; set training.device = 'cpu' or lower --nproc-per-node"
-            )
-    for split in ("train", "eval"):
-        if not (trainer_namespace.data / split).is_dir():
-            raise UserError(
-                f"--data {trainer_namespace.data}: missing {split}/ folder; pass the output folder of "
-                "valuerank downsample"
-            )
+    # Check everything here once, before torchrun starts ranks that would each report it.
+    preflight(args.nproc_per_node, trainer_args, prog="valuerank train")
     return run_local(args.nproc_per_node, trainer_args, args.threads_per_rank)
 
 
 def _pipeline(argv: list[str]) -> int:
+    from trainer.preflight import check_out_dir
     from valuerank.pipeline import PipelinePaths, run_spark_stages, run_training
 
     parser = argparse.ArgumentParser(prog="valuerank pipeline", description="Label join, downsampling and training on one machine.")
@@ -79,6 +63,7 @@ def _pipeline(argv: list[str]) -> int:
     cfg = load_config(args.config, args.override)
     as_of = parse_utc(args.as_of, "--as-of") if args.as_of else None
     paths = PipelinePaths(args.out)
+    check_out_dir(paths.model, paths.downsampled)
     run_spark_stages(cfg, args.impressions, args.events, paths, as_of=as_of, allow_absent_actions=args.allow_absent_actions)
     run_training(args.config, paths, args.nproc_per_node, args.override)
     print(f"metrics: {paths.model / 'metrics.json'}")
@@ -139,19 +124,16 @@ COMMANDS = {
 }
 
 
-class UserError(ValueError):
-    """A command-line mistake that the CLI reports in one line."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
+def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that describe bad input, not a bug: reported without a traceback."""
     from spark_jobs.common import AccountingError, EmptyOutputError, InputSchemaError, OutputPathError
     from trainer.data import DataError
     from trainer.sharding import ShardingConfigError
+    from trainer.train import DeviceError
 
     errors = [
-        ConfigError, UserError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
-        DataError, ShardingConfigError,
+        ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
+        DataError, ShardingConfigError, DeviceError, FileNotFoundError, FileExistsError,
     ]
     return tuple(errors)
 
@@ -171,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.argv[0] = f"valuerank {argv[0]}"
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except _user_errors() as error:
+    except user_errors() as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 

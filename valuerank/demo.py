@@ -45,11 +45,16 @@ def compare_with_truth(cfg: PipelineConfig, paths: PipelinePaths) -> dict:
             "observed_rate": float(joined[action.label_column].mean()),
             "mean_corrected": corrected,
             "mean_uncorrected": uncorrected,
-            "corrected_relative_error": corrected / true_rate - 1,
-            "uncorrected_relative_error": uncorrected / true_rate - 1,
+            "corrected_relative_error": corrected / true_rate - 1 if true_rate > 0 else None,
+            "uncorrected_relative_error": uncorrected / true_rate - 1 if true_rate > 0 else None,
             "correlation_with_truth": float(np.corrcoef(joined[f"p_{action.name}"], joined[f"true_p_{action.name}"])[0, 1]),
         }
     return report
+
+
+def _format_metric(value: float | None) -> str:
+    """Format a metric; None is an undefined metric, e.g. AUC of an action without positives."""
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def format_truth_report(report: dict) -> str:
@@ -87,6 +92,7 @@ def run_demo(out: Path, impressions: int, seed: int, nproc_per_node: int, config
     print(format_truth_report(report))
     print("\nPer-action metrics (corrected predictions)")
     for name, values in metrics["actions"].items():
-        print(f"  {name:<12} auc={values['auc']:.3f} ne={values['normalized_entropy']:.3f} calibration={values['calibration']:.3f}")
+        shown = {key: _format_metric(values[key]) for key in ("auc", "normalized_entropy", "calibration")}
+        print(f"  {name:<12} auc={shown['auc']} ne={shown['normalized_entropy']} calibration={shown['calibration']}")
     print(f"\nOutputs: {paths.model} (metrics.json, predictions/, plots/, checkpoint/), {out / 'truth_report.json'}")
     return report

@@ -39,7 +39,7 @@ def bucketize_ids(ids: np.ndarray, feature: SparseFeature, source: str = "") -> 
         example = int(ids[bad][0])
         raise ValueError(
             f"{source or feature.column}: id {example} is outside [0, {feature.num_embeddings}) for "
-            f"sparse feature {feature.name!r} ({int(bad.sum())} ids in all); raise num_embeddings "
+            f"sparse feature {feature.name!r} ({int(bad.sum())} such ids); raise num_embeddings "
             "or set hashing = true"
         )
     return ids.astype(np.int64)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from launch.local import run_local
+from launch.local import preflight, run_local
 from valuerank.config import PipelineConfig
 
 logger = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ def run_training(config_path: Path, paths: PipelinePaths, nproc_per_node: int, o
     args = ["--config", str(config_path), "--data", str(paths.downsampled), "--out", str(paths.model)]
     for override in overrides:
         args += ["--override", override]
+    preflight(nproc_per_node, args, prog="valuerank pipeline")
     code = run_local(nproc_per_node, args)
     if code != 0:
         raise RuntimeError(f"training failed with exit code {code}; the rank logs above show the error")
