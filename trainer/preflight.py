@@ -36,7 +36,7 @@ def check_data(cfg: PipelineConfig, data: Path) -> None:
 
 
 def check_out_dir(out: Path, data: Path) -> Path:
-    """Raise OutputPathError if ``out`` overlaps the data or holds files of anything but a training run."""
+    """Raise OutputPathError if ``out`` overlaps the data or contains files that no training run wrote."""
     return check_output_path(TRAIN_JOB, out, {"data": data}, MANIFEST_NAME)
 
 
