@@ -18,6 +18,7 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from collections.abc import Callable
 from typing import Literal
 
 import pyarrow as pa
@@ -173,6 +174,15 @@ def check_output_path(job: str, out_path: str | os.PathLike, inputs: dict[str, s
     """
     local_inputs = {role: local_path(path) for role, path in inputs.items()}
     return check_local_output_path(job, local_path(out_path), local_inputs, MANIFEST_NAME)
+
+
+def run_command(job_main: Callable[[list[str] | None], int], argv: list[str] | None) -> int:
+    """Run a job's command-line entry; report bad input or config in one log line and return 2."""
+    try:
+        return job_main(argv)
+    except (ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError) as error:
+        logging.getLogger(job_main.__module__).error("%s", error)
+        return 2
 
 
 # --- feature columns ---------------------------------------------------------

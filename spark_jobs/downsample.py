@@ -43,10 +43,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, IntegralType, TimestampNTZType, TimestampType
 
 from spark_jobs.common import (
-    AccountingError,
     EmptyOutputError,
     InputSchemaError,
-    OutputPathError,
     check_balance,
     check_feature_columns,
     check_output_path,
@@ -58,15 +56,13 @@ from spark_jobs.common import (
     quoted,
     remove_manifest,
     require_utc_session,
+    run_command,
     write_manifest,
     write_parquet,
 )
 from valuerank.config import ConfigError, PipelineConfig, load_config
 
 logger = logging.getLogger(__name__)
-
-USER_ERRORS = (ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError)
-"""Errors caused by the input or the config, reported in one line instead of a traceback."""
 
 NEGATIVE = "negative"
 """Label pattern of a row without any positive label."""
@@ -340,8 +336,8 @@ def derive_keep_rates(stratum_rows: dict[str, int], cfg: PipelineConfig) -> dict
                 f"set downsampling.keep_rates.{pattern} (or the full stratum name) to a rate in (0, 1]"
             )
         elif pattern == NEGATIVE and down.target_negative_ratio is not None and rows > 0:
-            wanted = down.target_negative_ratio * positives.get(value, 0)
-            rate = KeepRate(min(1.0, wanted / negatives[value]), "target_negative_ratio")
+            target_negatives = down.target_negative_ratio * positives.get(value, 0)
+            rate = KeepRate(min(1.0, target_negatives / negatives[value]), "target_negative_ratio")
         else:
             rate = KeepRate(1.0, "default")
 
@@ -557,11 +553,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; report bad input in one line and return 2."""
-    try:
-        return _main(argv)
-    except USER_ERRORS as error:
-        logger.error("%s", error)
-        return 2
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":

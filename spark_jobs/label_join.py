@@ -39,11 +39,9 @@ from pyspark.sql import functions as F
 from pyspark.sql.types import AtomicType, VariantType
 
 from spark_jobs.common import (
-    AccountingError,
     ColumnSpec,
     EmptyOutputError,
     InputSchemaError,
-    OutputPathError,
     ParquetInput,
     check_balance,
     check_feature_columns,
@@ -55,15 +53,13 @@ from spark_jobs.common import (
     quoted,
     read_parquet_input,
     require_utc_session,
+    run_command,
     write_manifest,
     write_parquet,
 )
 from valuerank.config import ConfigError, PipelineConfig, load_config, parse_utc
 
 logger = logging.getLogger(__name__)
-
-USER_ERRORS = (ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError)
-"""Errors caused by the input or the config, reported in one line instead of a traceback."""
 
 IMPRESSION_DROP_REASONS = (
     "null_impression_id",
@@ -654,11 +650,7 @@ def _main(argv: list[str] | None = None) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the job from the command line; report bad input in one line and return 2."""
-    try:
-        return _main(argv)
-    except USER_ERRORS as error:
-        logger.error("%s", error)
-        return 2
+    return run_command(_main, argv)
 
 
 if __name__ == "__main__":
