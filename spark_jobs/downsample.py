@@ -418,9 +418,12 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
 
     Returns the manifest. Its output counts are read back from the written files and
     checked against the keep decisions, and a mismatch raises AccountingError. Every
-    check of the path, the input, the config and the splits runs before the earlier
-    output is touched: OutputPathError for an unsafe output path, InputSchemaError for a
-    bad input, ConfigError for a missing feature column, EmptyOutputError for an empty split.
+    check below runs before the earlier output is touched:
+
+    - OutputPathError for an unsafe output path
+    - InputSchemaError for a bad input
+    - ConfigError for a missing feature column
+    - EmptyOutputError for an empty split
     """
     check_keep_rate_keys(cfg)
     check_output_path("downsample", out_path, {"labelled": labelled_path})

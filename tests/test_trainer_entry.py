@@ -55,7 +55,7 @@ def _write_split(folder: Path, n: int, seed: int) -> None:
             "user_id": pa.array(rng.integers(0, 50, n), pa.int64()),
             "position": pa.array(rng.integers(1, 5, n), pa.int64()),
             "label_click": pa.array((rng.random(n) < 0.3).astype(np.int8)),
-            # No report at all: its tower sees only negatives and its AUC is undefined.
+            # No report at all: its tower trains on negatives only and its AUC is undefined.
             "label_report": pa.array(np.zeros(n, dtype=np.int8)),
             "keep_rate": pa.array(np.ones(n)),
             "weight": pa.array(np.ones(n)),

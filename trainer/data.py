@@ -3,10 +3,10 @@
 This is the simple reader: every rank reads the whole split into memory with pyarrow
 and takes its own slice. It suits the demo and test sizes, not production logs.
 
-Two guarantees matter for DistributedModelParallel, whose forward pass runs collectives:
-every rank yields the same number of batches per epoch (training drops at most
-``world_size - 1`` rows per epoch to get there), and evaluation pads the shorter ranks with
-masked rows so that every row is predicted exactly once across ranks.
+DistributedModelParallel runs collectives in its forward pass, so two guarantees matter.
+Every rank yields the same number of batches per epoch, because training drops at most
+``world_size - 1`` rows per epoch. Evaluation pads the shorter ranks with masked rows, so
+every row is predicted exactly once across ranks.
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ class DataError(ValueError):
 class Batch(Pipelineable):
     """One batch of examples.
 
-    Shapes: ``dense`` is [B, num_dense]; ``sparse`` has one key per sparse feature with
-    B lengths each; ``labels``, ``label_mask`` and ``weights`` are [B, num_actions];
-    ``row_index`` [B] is the row's position in its split, -1 for padding rows.
+    Shapes:
+        dense: [B, num_dense]
+        sparse: one key per sparse feature, B lengths per key
+        labels, label_mask, weights: [B, num_actions]
+        row_index: [B], the row's position in its split, -1 for padding rows
     """
 
     dense: torch.Tensor
@@ -269,7 +271,7 @@ def _jagged_ids(column: pa.ChunkedArray, feature: SparseFeature, path: Path) -> 
         raw = raw.filter(pa.array(valid))
     if not pa.types.is_integer(raw.type):
         raise DataError(
-            f"{path}: column {feature.column!r} holds lists of {raw.type}; expected integer ids"
+            f"{path}: column {feature.column!r} contains lists of {raw.type}; expected integer ids"
         )
     ids = raw.to_numpy(zero_copy_only=False).astype(np.int64)
     try:

@@ -23,8 +23,8 @@ logger = logging.getLogger(__name__)
 def predict(model: torch.nn.Module, data: SplitData, cfg: PipelineConfig, device: torch.device) -> np.ndarray | None:
     """Return sigmoid outputs [num_rows, num_actions] on rank 0 (None on other ranks).
 
-    Every rank runs the same number of forward passes (the sharded embedding lookup is a
-    collective); padding rows carry row index -1 and are dropped before the gather.
+    Every rank runs the same number of forward passes, because the sharded embedding
+    lookup is a collective. Padding rows carry row index -1 and are dropped before the gather.
     """
     rank = dist.get_rank()
     world_size = dist.get_world_size()
@@ -42,8 +42,8 @@ def predict(model: torch.nn.Module, data: SplitData, cfg: PipelineConfig, device
 
     local_rows = torch.cat(rows) if rows else torch.zeros(0, dtype=torch.int64)
     local_outputs = torch.cat(outputs) if outputs else torch.zeros(0, len(cfg.actions))
-    # NOTE: rank 0 receives every prediction in memory (8 bytes per action per row), which
-    # suits evaluation splits up to tens of millions of rows; beyond that, write per-rank files.
+    # NOTE: rank 0 receives every prediction in memory (8 bytes per action per row). That
+    # suits evaluation splits up to tens of millions of rows; larger ones need per-rank files.
     gathered: list = [None] * world_size
     dist.all_gather_object(gathered, (local_rows.numpy(), local_outputs.numpy()))
     if rank != 0:

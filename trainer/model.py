@@ -14,7 +14,7 @@ _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
 
 def embedding_configs(cfg: PipelineConfig) -> list[EmbeddingBagConfig]:
-    """One embedding table per sparse feature, named ``t_<feature>``."""
+    """Build one embedding table config per sparse feature, named ``t_<feature>``."""
     return [
         EmbeddingBagConfig(
             name=f"t_{feature.name}",
@@ -54,8 +54,8 @@ class MultiTaskModel(nn.Module):
         tables = embedding_configs(cfg)
         self.ebc = EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu"))
 
-        # Dense layers are built on the CPU and moved by DistributedModelParallel; only the
-        # embedding tables start on the meta device so that no rank allocates a whole table.
+        # Dense layers are built on the CPU and moved by DistributedModelParallel. Only the
+        # embedding tables start on the meta device, so no rank allocates a whole table.
         input_width = sum(t.embedding_dim for t in tables) + len(cfg.dense_features)
         self.shared = _mlp(input_width, cfg.model.shared_layers)
         shared_width = cfg.model.shared_layers[-1] if cfg.model.shared_layers else input_width

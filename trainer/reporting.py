@@ -34,14 +34,14 @@ def setup_logging(rank: int) -> None:
     )
     for name in ("valuerank", "trainer"):
         logging.getLogger(name).setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    # torchrec 1.8 warns on every start that the topology was not built by its factory; the
-    # planner here gets an explicit Topology on purpose (memory budget from the config).
+    # torchrec 1.8 warns on every start that the topology was not built by its factory. The
+    # planner here gets an explicit Topology on purpose, to carry the configured memory budget.
     logging.getLogger("torchrec.distributed.planner.types").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torchrec\..*")
 
 
 def metric_line(step: int, epoch: int, loss: float, per_action: dict[str, float], examples_per_second: float) -> str:
-    """The fixed metric line: step, epoch, total loss, loss per action, throughput."""
+    """Format the fixed metric line: step, epoch, total loss, loss per action, throughput."""
     actions = " ".join(f"loss/{name}={value:.4f}" for name, value in per_action.items())
     return f"step={step} epoch={epoch} loss={loss:.4f} {actions} throughput(examples/s)={examples_per_second:.0f}"
 

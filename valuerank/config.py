@@ -147,7 +147,7 @@ class SparseFeature:
     """Embedding dimension."""
 
     pooling: Literal["sum", "mean"] = "sum"
-    """How the ids of one row are pooled into one vector."""
+    """Pooling of the ids of one row into one vector."""
 
     hashing: bool = True
     """Hash ids into [0, num_embeddings); when off, an id outside that range is an error."""
@@ -232,8 +232,8 @@ class TrainingConfig:
     """Process group backend; ``auto`` picks nccl on cuda and gloo on cpu."""
 
     loss_weighting: Literal["none", "inverse_keep_rate"] = "none"
-    """``none`` learns the downsampled odds and corrects them with the keep rates at evaluation;
-    ``inverse_keep_rate`` weights each row by 1 / keep_rate so that no correction is needed."""
+    """Loss weighting. ``none`` learns the downsampled odds, and evaluation corrects them with
+    the keep rates. ``inverse_keep_rate`` weights each row by 1 / keep_rate, so no correction is needed."""
 
     log_every: int = 20
     """Steps between metric lines."""
@@ -420,7 +420,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
             raise ConfigError(f"{key}.num_embeddings: must be positive, got {feature.num_embeddings}")
         if feature.embedding_dim <= 0:
             raise ConfigError(f"{key}.embedding_dim: must be positive, got {feature.embedding_dim}")
-    # A feature that reads a label or a downsampling column would leak the answer into the model.
+    # A feature that reads a label or a downsampling column would leak the outcome into the model.
     reserved = {*cfg.label_columns, "weight", "keep_rate", "stratum"}
     for kind, features in (("sparse_features", cfg.sparse_features), ("dense_features", cfg.dense_features)):
         for i, feature in enumerate(features):

@@ -1,7 +1,7 @@
 """The default demo: synthetic log with known truth -> label join -> downsampling -> training.
 
 Because the generator stores each impression's true action probabilities, the demo can
-say how close the keep-rate-corrected predictions are to the truth, which no real log allows.
+measure how close the keep-rate-corrected predictions are to the truth, which no real log allows.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Map raw integer ids to embedding rows.
 
 With hashing on, an id goes through the splitmix64 finalizer (a bijection on 64 bits with
-good avalanche) and then modulo the table size, so ids from an unbounded space spread over
-the table and distinct ids collide only as often as random placement would make them.
-With hashing off, ids must already lie in [0, num_embeddings); any other id is an error,
-never a silent lookup of row 0.
+good avalanche) and then modulo the table size. Ids from an unbounded space then spread
+over the table, and distinct ids collide only as often as random placement would make them.
+With hashing off, ids must already lie in [0, num_embeddings). Any other id is an error,
+not a silent lookup of row 0.
 """
 
 from __future__ import annotations
