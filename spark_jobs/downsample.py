@@ -5,6 +5,23 @@ installs the package), so that spark-submit runs the job with that Python::
 
     spark-submit --master 'local[*]' spark_jobs/downsample.py --config configs/demo.toml --labelled PATH --out PATH
 
+On a cluster, pass its master and any ``--conf`` pairs to spark-submit (the job keeps them); the
+paths must be mounted at the same place on the driver and every executor::
+
+    spark-submit --master yarn --deploy-mode cluster --conf spark.executor.instances=8 \\
+        --conf spark.pyspark.python=./venv/bin/python --archives venv.tar.gz#venv --files pipeline.toml \\
+        spark_jobs/downsample.py --config pipeline.toml --labelled /mnt/runs/r1/labelled \\
+        --out /mnt/runs/r1/downsampled
+
+    spark-submit --master k8s://https://KUBERNETES_API:6443 --deploy-mode cluster \\
+        --conf spark.kubernetes.container.image=valuerank:0.1.0-cpu \\
+        --conf spark.kubernetes.authenticate.driver.serviceAccountName=valuerank-spark \\
+        local:///opt/valuerank/spark_jobs/downsample.py --config /data/pipeline.toml \\
+        --labelled /data/runs/k8s/labelled --out /data/runs/k8s/downsampled
+
+docs/clusters.md gives the volume settings of the Kubernetes command, and k8s/ the same job as a
+SparkApplication for the Spark operator.
+
 The input is the output of ``spark_jobs/label_join.py``. Rows at or after the eval start
 (``split.eval_start``, or the newest timestamp minus ``split.eval_days``) form the eval
 split, which is written in full to ``<out>/eval``. The rest is the training split, which

@@ -5,6 +5,24 @@ installs the package), so that spark-submit runs the job with that Python::
 
     spark-submit --master 'local[*]' spark_jobs/label_join.py --config configs/demo.toml --impressions PATH --events PATH --out PATH [--as-of 2022-04-21T00:00:00Z]
 
+On a cluster, pass its master and any ``--conf`` pairs to spark-submit; the job keeps them and
+sets only the session time zone (UTC) and the Parquet timestamp settings itself. Paths must be
+on a filesystem that the driver and every executor mount at the same place::
+
+    spark-submit --master yarn --deploy-mode cluster --conf spark.executor.instances=8 \\
+        --conf spark.pyspark.python=./venv/bin/python --archives venv.tar.gz#venv --files pipeline.toml \\
+        spark_jobs/label_join.py --config pipeline.toml --impressions /mnt/logs/impressions \\
+        --events /mnt/logs/events --out /mnt/runs/r1/labelled
+
+    spark-submit --master k8s://https://KUBERNETES_API:6443 --deploy-mode cluster \\
+        --conf spark.kubernetes.container.image=valuerank:0.1.0-cpu \\
+        --conf spark.kubernetes.authenticate.driver.serviceAccountName=valuerank-spark \\
+        local:///opt/valuerank/spark_jobs/label_join.py --config /data/pipeline.toml \\
+        --impressions /data/raw/impressions --events /data/raw/events --out /data/runs/k8s/labelled
+
+docs/clusters.md gives the volume settings of the Kubernetes command, and k8s/ the same job as a
+SparkApplication for the Spark operator.
+
 Attribution of one event (all times in UTC, window ends inclusive):
 
 - An event with an impression id goes to that impression when the event time lies in

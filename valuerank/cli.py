@@ -7,6 +7,7 @@
     valuerank train --nproc-per-node 2 --config C --data DIR --out DIR     (torchrun)
     valuerank generate --out DIR                     (synthetic log)
     valuerank adapt kuairand|open-bandit --src S --out DIR
+    valuerank k8s render --config C --out DIR         (Kubernetes manifests)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+from launch.k8s_render import cli as k8s_command
 from launch.local import positive_int
 from valuerank.config import ConfigError, load_config, parse_utc
 
@@ -27,7 +29,7 @@ def _setup_logging() -> None:
 
 
 def _train(argv: list[str]) -> int:
-    from launch.local import add_arguments, preflight, run_local
+    from launch.local import add_arguments, preflight, run_from_args
 
     parser = argparse.ArgumentParser(
         prog="valuerank train",
@@ -39,7 +41,7 @@ def _train(argv: list[str]) -> int:
 
     # Check everything here once, before torchrun starts ranks that would each report it.
     preflight(args.nproc_per_node, trainer_args, prog="valuerank train")
-    return run_local(args.nproc_per_node, trainer_args, args.threads_per_rank)
+    return run_from_args(args, trainer_args)
 
 
 def _pipeline(argv: list[str]) -> int:
@@ -121,6 +123,7 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "adapt": _adapt,
+    "k8s": k8s_command,
 }
 
 

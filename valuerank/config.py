@@ -286,6 +286,9 @@ class PipelineConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     """Embedding sharding plan settings."""
 
+    k8s: K8sConfig = field(default_factory=lambda: K8sConfig())
+    """Kubernetes deployment written by ``valuerank k8s render``; the stages themselves ignore it."""
+
     def action(self, name: str) -> ActionConfig:
         """Return the action called ``name``."""
         for action in self.actions:
@@ -536,3 +539,126 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def to_dict(cfg: PipelineConfig) -> dict:
     """Return the config as plain data, for manifests, checkpoints and exported models."""
     return dataclasses.asdict(cfg)
+
+
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|M|G|T|Ki|Mi|Gi|Ti)?$")
+_SPARK_MEMORY = re.compile(r"^\d+[kmgt]$")
+
+
+@dataclass
+class K8sConfig:
+    """Kubernetes deployment of the three stages. ``valuerank k8s render`` reads it; the stages ignore it.
+
+    Paths are relative to ``data_mount``, where every pod mounts the claim ``data_claim``, so the
+    Spark driver, the executors and every training node see the same files.
+    """
+
+    name: str = "valuerank"
+    """Prefix of every object name, e.g. ``valuerank-train``; a DNS label of at most 40 characters."""
+
+    image: str = "valuerank:0.1.0-cpu"
+    """Container image built from docker/Dockerfile (``-cpu`` or ``-cuda`` build)."""
+
+    image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = "IfNotPresent"
+    """Pull policy of every container."""
+
+    nodes: int = 2
+    """Training nodes (PyTorchJob workers), one pod each."""
+
+    min_nodes: int | None = None
+    """Fewest nodes the elastic job keeps training with after losing some; default ``nodes``."""
+
+    processes_per_node: int = 1
+    """Ranks per training node; on ``training.device = 'cuda'`` also the GPUs requested per node."""
+
+    cpu: str = "4"
+    """CPU request and limit of one training pod (a Kubernetes quantity, e.g. ``'4'`` or ``'3500m'``)."""
+
+    memory: str = "16Gi"
+    """Memory request and limit of one training pod, e.g. ``'16Gi'``."""
+
+    shm_size: str = "2Gi"
+    """Size of the in-memory /dev/shm volume of a training pod (NCCL and data loading use it)."""
+
+    max_restarts: int = 3
+    """Times torchrun restarts all ranks of the job after a failure before the pod fails."""
+
+    rdzv_port: int = 29400
+    """Port of the c10d rendezvous store on node 0."""
+
+    rdzv_timeout: str = "15m"
+    """How long a node waits for node 0 and the other nodes, e.g. ``'15m'``."""
+
+    data_claim: str = "valuerank-data"
+    """PersistentVolumeClaim (ReadWriteMany) that holds the input logs and every stage's output."""
+
+    data_mount: str = "/data"
+    """Where the claim is mounted in every pod."""
+
+    impressions: str = "raw/impressions"
+    """Impression log, relative to ``data_mount``."""
+
+    events: str = "raw/events"
+    """Action event log, relative to ``data_mount``."""
+
+    run_dir: str = "runs/k8s"
+    """Run folder relative to ``data_mount``; gets ``labelled/``, ``downsampled/`` and ``model/``."""
+
+    spark_version: str = "4.3.0"
+    """Spark version of the image (the pinned pyspark), reported to the Spark operator."""
+
+    spark_driver_cores: int = 1
+    """CPU cores of the Spark driver pod."""
+
+    spark_driver_memory: str = "4g"
+    """JVM heap of the Spark driver in Spark notation, e.g. ``'4g'``."""
+
+    spark_executors: int = 2
+    """Spark executor pods."""
+
+    spark_executor_cores: int = 2
+    """CPU cores of one Spark executor pod."""
+
+    spark_executor_memory: str = "4g"
+    """JVM heap of one Spark executor in Spark notation, e.g. ``'4g'``."""
+
+    def __post_init__(self) -> None:
+        if not _DNS_LABEL.match(self.name) or len(self.name) > 40:
+            raise ConfigError(
+                f"k8s.name: invalid name {self.name!r}; use at most 40 lower case letters, digits and '-', "
+                "starting with a letter"
+            )
+        if not _DNS_LABEL.match(self.data_claim):
+            raise ConfigError(f"k8s.data_claim: {self.data_claim!r} is not a valid claim name (lower case, digits, '-')")
+        for key in ("nodes", "processes_per_node", "spark_driver_cores", "spark_executors", "spark_executor_cores"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"k8s.{key}: must be at least 1, got {getattr(self, key)}")
+        if self.min_nodes is not None and not 1 <= self.min_nodes <= self.nodes:
+            raise ConfigError(f"k8s.min_nodes: must be between 1 and k8s.nodes = {self.nodes}, got {self.min_nodes}")
+        if self.max_restarts < 0:
+            raise ConfigError(f"k8s.max_restarts: must be 0 or more, got {self.max_restarts}")
+        if not 1024 <= self.rdzv_port <= 65535:
+            raise ConfigError(f"k8s.rdzv_port: use a port in 1024..65535, got {self.rdzv_port}")
+        parse_duration(self.rdzv_timeout, "k8s.rdzv_timeout")
+        for key in ("cpu", "memory", "shm_size"):
+            if not _QUANTITY.match(getattr(self, key)):
+                raise ConfigError(
+                    f"k8s.{key}: {getattr(self, key)!r} is not a Kubernetes quantity; write e.g. '4', '3500m' or '16Gi'"
+                )
+        for key in ("spark_driver_memory", "spark_executor_memory"):
+            if not _SPARK_MEMORY.match(getattr(self, key)):
+                raise ConfigError(f"k8s.{key}: {getattr(self, key)!r} is not a Spark memory size; write e.g. '4g' or '512m'")
+        if not self.data_mount.startswith("/"):
+            raise ConfigError(f"k8s.data_mount: must be an absolute path, got {self.data_mount!r}")
+        for key in ("impressions", "events", "run_dir"):
+            path = getattr(self, key)
+            if path.startswith("/") or ".." in Path(path).parts or not path:
+                raise ConfigError(
+                    f"k8s.{key}: {path!r} must be a path relative to k8s.data_mount without '..', e.g. 'raw/events'"
+                )
+
+    @property
+    def rdzv_timeout_seconds(self) -> int:
+        """``rdzv_timeout`` in seconds."""
+        return parse_duration(self.rdzv_timeout, "k8s.rdzv_timeout")
