@@ -2,7 +2,7 @@
 # Entry point of the valuerank image.
 #
 # Spark on Kubernetes (spark-submit to k8s://, or the Spark operator) starts the driver pod with
-# the arguments "driver ..." and executor pods with "executor"; both are handled here with the
+# the arguments "driver ..." and executor pods with "executor". This script runs both with the
 # Spark that the pyspark wheel installed. Any other command runs as given, e.g.
 # "python -m launch node ..." in the training pods.
 #

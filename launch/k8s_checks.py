@@ -21,9 +21,9 @@ documented in docs/clusters.md:
   types. The driver and executor pod fields that have core types (env, volume mounts,
   security contexts, volumes) are validated as a core ``Pod``.
 
-Cross-field checks tie the training pieces together: the command's ``--nproc-per-node``
-equals ``nprocPerNode`` and, on GPU, the ``nvidia.com/gpu`` request; the rendezvous
-endpoint names the headless service, whose selector picks replica 0 of this job.
+Cross-field checks tie the training pieces together. The command's ``--nproc-per-node``
+equals ``nprocPerNode`` and, on GPU, the ``nvidia.com/gpu`` request. The rendezvous
+endpoint names the headless service, and its selector picks replica 0 of this job.
 """
 
 from __future__ import annotations

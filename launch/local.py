@@ -238,8 +238,8 @@ def _explicit_options(parser: argparse.ArgumentParser, argv: list[str] | None) -
     """Return the destinations of options given on the command line before ``--``."""
     argv = sys.argv[1:] if argv is None else argv
     head = argv[: argv.index("--")] if "--" in argv else argv
-    given = set()
+    explicit = set()
     for action in parser._actions:
         if any(word == option or word.startswith(option + "=") for word in head for option in action.option_strings):
-            given.add(action.dest)
-    return given
+            explicit.add(action.dest)
+    return explicit

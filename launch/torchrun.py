@@ -4,8 +4,8 @@ One machine (``--standalone``: torchrun starts its own rendezvous store on a fre
 
     torchrun --standalone --nproc-per-node=2 -m trainer.train ...
 
-Several nodes meet at a c10d rendezvous. Every node runs the same command; the store is
-hosted by the node whose ``is_host`` is true (node index 0), and the others connect to it::
+Several nodes meet at a c10d rendezvous. Every node runs the same command. The node whose
+``is_host`` is true (node index 0) hosts the store, and the others connect to it::
 
     torchrun --nnodes=2 --nproc-per-node=8 --rdzv-backend=c10d \\
         --rdzv-endpoint=valuerank-train-rdzv:29400 --rdzv-id=valuerank \\
@@ -32,7 +32,7 @@ DEFAULT_RDZV_PORT = 29400
 
 @dataclass(frozen=True)
 class Rendezvous:
-    """Where and how the nodes of one multi-node job meet."""
+    """Rendezvous settings that all nodes of one multi-node job share."""
 
     endpoint: str
     """``host:port`` of the c10d store, hosted by node 0; the port defaults to 29400."""

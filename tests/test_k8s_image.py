@@ -1,5 +1,6 @@
-"""docker/Dockerfile and its entry point. No container runtime runs here, so the image is not built;
-the entry point runs under sh, and the Dockerfile is checked against what the manifests expect."""
+"""docker/Dockerfile and its entry point, without building the image (no container runtime here).
+
+The entry point runs under sh. The Dockerfile is checked against what the manifests expect."""
 
 from __future__ import annotations
 

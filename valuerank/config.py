@@ -567,7 +567,7 @@ class K8sConfig:
     """Training nodes (PyTorchJob workers), one pod each."""
 
     min_nodes: int | None = None
-    """Fewest nodes the elastic job keeps training with after losing some; default ``nodes``."""
+    """Minimum nodes that the elastic job keeps training with after losing some; default ``nodes``."""
 
     processes_per_node: int = 1
     """Ranks per training node; on ``training.device = 'cuda'`` also the GPUs requested per node."""
@@ -591,10 +591,10 @@ class K8sConfig:
     """How long a node waits for node 0 and the other nodes, e.g. ``'15m'``."""
 
     data_claim: str = "valuerank-data"
-    """PersistentVolumeClaim (ReadWriteMany) that holds the input logs and every stage's output."""
+    """PersistentVolumeClaim (ReadWriteMany) that contains the input logs and every stage's output."""
 
     data_mount: str = "/data"
-    """Where the claim is mounted in every pod."""
+    """Mount path of the claim in every pod."""
 
     impressions: str = "raw/impressions"
     """Impression log, relative to ``data_mount``."""
