@@ -21,7 +21,7 @@ documented in docs/clusters.md:
   types. The driver and executor pod fields that have core types (env, volume mounts,
   security contexts, volumes) are validated as a core ``Pod``.
 
-Cross-field checks tie the training pieces together. The command's ``--nproc-per-node``
+Cross-field checks tie the training pieces together. The container's ``--nproc-per-node``
 equals ``nprocPerNode`` and, on GPU, the ``nvidia.com/gpu`` request. The rendezvous
 endpoint names the headless service, and its selector picks replica 0 of this job.
 """

@@ -262,10 +262,11 @@ def nnodes(k8s: K8sConfig) -> str:
     return str(k8s.nodes) if low == k8s.nodes else f"{low}:{k8s.nodes}"
 
 
-def train_command(k8s: K8sConfig) -> list[str]:
-    """The training container's command: ``python -m launch node`` with every torchrun setting explicit.
+def train_args(k8s: K8sConfig) -> list[str]:
+    """The training container's arguments: ``python -m launch node`` with every torchrun setting explicit.
 
-    The node index comes from the operator's replica-index label (VALUERANK_NODE_INDEX), so
+    They are ``args``, not ``command``, so the image's entry point (tini, which reaps the
+    ranks that torchrun leaves behind) still starts them. The node index comes from the operator's replica-index label (VALUERANK_NODE_INDEX), so
     node 0 hosts the rendezvous store even before its service name resolves.
     """
     return [
@@ -343,7 +344,7 @@ def pytorch_job(cfg: PipelineConfig) -> dict:
                 "name": "pytorch",
                 "image": k8s.image,
                 "imagePullPolicy": k8s.image_pull_policy,
-                "command": train_command(k8s),
+                "args": train_args(k8s),
                 "env": env,
                 "ports": [{"name": "c10d", "containerPort": k8s.rdzv_port, "protocol": "TCP"}],
                 "resources": train_resources(cfg),

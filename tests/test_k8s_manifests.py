@@ -156,7 +156,7 @@ def test_render_follows_config(tmp_path):
 
     objects = render(config, tmp_path / "out")
     job = by_kind(objects, "PyTorchJob")[0]
-    command = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["command"]
+    command = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]["args"]
     label_join = next(obj for obj in objects if obj["metadata"]["name"] == "ranker-label-join")
 
     assert job["metadata"]["name"] == "ranker-train"
