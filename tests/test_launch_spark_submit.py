@@ -75,5 +75,7 @@ def test_label_join_runs_under_spark_submit(raw_log, tmp_path):
     result = _submit(str(ROOT / "spark_jobs" / "label_join.py"), args)
 
     assert result.returncode == 0, result.stderr[-3000:]
+    # spark-submit passes the driver's Python output, logging included, to its own stdout.
+    assert "master local[1], shuffle partitions 3" in result.stdout
     manifest = json.loads((tmp_path / "labelled" / "_manifest.json").read_text())
     assert manifest["impressions"]["rows_out"] > 0
