@@ -17,7 +17,7 @@ Every node runs it with the same ``--nnodes`` and endpoint, for example on two m
     python -m launch node --nnodes 2 --nproc-per-node 8 --rdzv-endpoint node0:29400 \\
         --node-index 0 --max-restarts 3 -- --config C --data SHARED/downsampled --out SHARED/model
 
-``--node-index 0`` on node0 and ``--node-index 1`` on the other machine. launch/torchrun.py
+Pass ``--node-index 0`` on node0 and ``--node-index 1`` on the other machine. launch/torchrun.py
 describes the torchrun options that this produces.
 """
 
