@@ -118,6 +118,7 @@ def run_spark(impressions: Path, events: Path, work: Path) -> dict:
 
 
 def run_duckdb(impressions: Path, events: Path, work: Path, threads: int) -> dict:
+    (work / "downsampled").mkdir(parents=True)
     con = duckdb.connect()
     con.execute(f"SET threads = {threads}")
     actions = [duckdb_jobs.Action(a["name"], {"1h": 3_600, "1d": 86_400}[a["attribution_window"]] * 1_000_000) for a in CONFIG["actions"]]

@@ -1,8 +1,8 @@
 """Date-partitioned Parquet output that replaces an earlier output in one atomic step.
 
-A job builds its complete new output in a staging folder next to the output folder
-(``.<name>.staging-<run id>``, a sibling so that both lie on one file system), checks it,
-and then swaps the staging folder with the output folder by ``renameat2(RENAME_EXCHANGE)``.
+A job builds its complete new output in a staging folder ``.<name>.staging-<run id>`` and
+checks it. The staging folder is a sibling of the output folder, so both lie on one file
+system, and ``renameat2(RENAME_EXCHANGE)`` then swaps the two folders.
 Readers see either the whole earlier output or the whole new one: a job killed before the
 swap leaves the earlier output untouched, and the next run deletes the stale staging folder.
 

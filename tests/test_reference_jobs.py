@@ -42,7 +42,7 @@ CONFIG = {
 }
 ENCODINGS = ("utc_us", "new_york_ms", "kolkata_us", "naive_us", "epoch_ms")
 SETTINGS = settings(
-    max_examples=8,
+    max_examples=6,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large],
 )
