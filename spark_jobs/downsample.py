@@ -477,7 +477,7 @@ def run_downsample(
     train_dates = _sum_by(decisions, lambda key: key[2], lambda key: key[1])
     dropped = sum(n for (_, kept, _), n in decisions.items() if not kept)
 
-    # Every check passed. Build the whole new output in a staging folder; the earlier
+    # Every check passed. Build the whole new output in a staging folder. The earlier
     # output stays in place until the swap at the end.
     recover_and_clean(out)
     stage = new_staging_folder(out)

@@ -515,7 +515,7 @@ def run_label_join(
         rows_out = sum(part["rows"] for part in written.values())
         positives = {a.name: sum(part["positives"][a.name] for part in written.values()) for a in cfg.actions}
 
-        # Dates of this run's impressions are replaced; earlier dates outside them are kept.
+        # Dates of this run's impressions are replaced, and earlier dates outside them are kept.
         kept_dates = sorted(set(date_folders(out)) - set(outcomes_by_date)) if out.is_dir() else []
         link_date_folders(out, stage, kept_dates)
 
