@@ -78,6 +78,9 @@ def build_session(
         .config("spark.sql.session.timeZone", "UTC")
         .config(NANOS_AS_LONG, "true")
         .config("spark.sql.parquet.outputTimestampType", "TIMESTAMP_MICROS")
+        # Split a join partition that a hot key makes large (docs/data-policies.md, Skew).
+        .config("spark.sql.adaptive.enabled", "true")
+        .config("spark.sql.adaptive.skewJoin.enabled", "true")
     )
     if master is not None:
         builder = builder.master(master)

@@ -53,6 +53,7 @@ import argparse
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -71,11 +72,21 @@ from spark_jobs.common import (
     iso_utc,
     local_path,
     quoted,
-    remove_manifest,
     require_utc_session,
     run_command,
     write_manifest,
-    write_parquet,
+)
+from spark_jobs.output import (
+    DEFAULT_FILE_ROWS,
+    DEFAULT_ROW_GROUP_ROWS,
+    PARTITION_COLUMN,
+    add_layout_arguments,
+    commit,
+    discard,
+    new_staging_folder,
+    partition_date,
+    recover_and_clean,
+    write_partitioned,
 )
 from valuerank.config import ConfigError, PipelineConfig, load_config
 
@@ -159,6 +170,8 @@ def read_labelled(spark: SparkSession, path: str, cfg: PipelineConfig) -> DataFr
     if not local_path(path).exists():
         raise InputSchemaError(f"labelled input not found: {path}; run spark_jobs/label_join.py first")
     frame = spark.read.parquet(str(local_path(path)))
+    # The dt partition column of the label join output is derived from the timestamp again.
+    frame = frame.drop(PARTITION_COLUMN)
     fields = {f.name: f.dataType for f in frame.schema.fields}
     fix = "run spark_jobs/label_join.py with the same config to produce it"
 
@@ -430,8 +443,19 @@ def action_keep_rates(rows_before: dict[str, int], rows_after: dict[str, int], c
 # --- job ---------------------------------------------------------------------
 
 
-def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str, out_path: str) -> dict:
+def run_downsample(
+    spark: SparkSession,
+    cfg: PipelineConfig,
+    labelled_path: str,
+    out_path: str,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    file_rows: int = DEFAULT_FILE_ROWS,
+) -> dict:
     """Split and downsample the labelled data, write ``<out>/train``, ``<out>/eval`` and the manifest.
+
+    Both splits are partitioned by the UTC date of the impression (``dt=YYYY-MM-DD``). A
+    rerun replaces the whole output folder in one atomic swap, because the split and the
+    keep rates of one run describe all of its dates together.
 
     Returns the manifest. Its output counts are read back from the written files and
     checked against the keep decisions, and a mismatch raises AccountingError. Every
@@ -443,21 +467,21 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
     - EmptyOutputError for an empty split
     """
     check_keep_rate_keys(cfg)
-    check_output_path("downsample", out_path, {"labelled": labelled_path})
+    out = check_output_path("downsample", out_path, {"labelled": labelled_path})
     down = cfg.downsampling
     labelled = read_labelled(spark, labelled_path, cfg)
     check_feature_columns(cfg, labelled.columns, f"the labelled input {labelled_path}")
-    out = local_path(out_path)
 
     # Split by time and count the strata of both splits.
     summary = summarize_labelled(labelled, labelled_path, cfg)
     rows_in, max_time_us = summary.rows, summary.max_time_us
     eval_start_us, eval_start_source = resolve_eval_start(cfg, max_time_us)
-    stratified = add_strata(labelled, cfg)
+    stratified = add_strata(labelled, cfg).withColumn(PARTITION_COLUMN, partition_date(F.col("timestamp")))
     train, eval_rows = split_by_time(stratified, eval_start_us)
-    split_counts = count_by(stratified.withColumn(_IS_EVAL, is_eval_row(eval_start_us)), _IS_EVAL, "stratum")
-    train_before = {stratum: n for (is_eval, stratum), n in split_counts.items() if not is_eval}
-    eval_before = {stratum: n for (is_eval, stratum), n in split_counts.items() if is_eval}
+    split_counts = count_by(stratified.withColumn(_IS_EVAL, is_eval_row(eval_start_us)), _IS_EVAL, "stratum", PARTITION_COLUMN)
+    train_before = _sum_by(split_counts, lambda key: key[1], lambda key: not key[0])
+    eval_before = _sum_by(split_counts, lambda key: key[1], lambda key: key[0])
+    eval_dates = _sum_by(split_counts, lambda key: key[2], lambda key: key[0])
     check_splits_not_empty(
         sum(train_before.values()), sum(eval_before.values()), eval_start_us, eval_start_source, summary, cfg
     )
@@ -465,65 +489,103 @@ def run_downsample(spark: SparkSession, cfg: PipelineConfig, labelled_path: str,
     # Decide the keep rates, then count the keep decisions before writing.
     keep_rates = derive_keep_rates(train_before, cfg)
     decided = decide_keep(train, {s: k.rate for s, k in keep_rates.items()}, down.seed)
-    decisions = count_by(decided, "stratum", _KEPT)
-    planned_kept = {stratum: n for (stratum, kept), n in decisions.items() if kept}
-    dropped = sum(n for (_, kept), n in decisions.items() if not kept)
+    decisions = count_by(decided, "stratum", _KEPT, PARTITION_COLUMN)
+    planned_kept = _sum_by(decisions, lambda key: key[0], lambda key: key[1])
+    train_dates = _sum_by(decisions, lambda key: key[2], lambda key: key[1])
+    dropped = sum(n for (_, kept, _), n in decisions.items() if not kept)
 
-    # Every check passed, so replace the earlier output. A failure from here on leaves no manifest.
-    remove_manifest(out_path)
-    train_out_frame = decided.filter(F.col(_KEPT)).drop(_KEPT)
-    write_parquet(spark, train_out_frame, out / "train")
-    write_parquet(spark, mark_eval(eval_rows), out / "eval")
+    # Every check passed. Build the whole new output in a staging folder. The earlier
+    # output stays in place until the swap at the end.
+    recover_and_clean(out)
+    stage = new_staging_folder(out)
+    try:
+        logger.info("writing the new output to the staging folder %s", stage)
+        train_out_frame = decided.filter(F.col(_KEPT)).drop(_KEPT)
+        write_partitioned(spark, train_out_frame, stage / "train", train_dates, row_group_rows, file_rows)
+        write_partitioned(spark, mark_eval(eval_rows), stage / "eval", eval_dates, row_group_rows, file_rows)
 
-    # Count what was written, so the manifest describes the files.
-    written = spark.read.schema(train_out_frame.schema)
-    train_after = count_by(written.parquet(str(out / "train")), "stratum")
-    eval_after = count_by(written.parquet(str(out / "eval")), "stratum")
+        # Count what was written, so the manifest describes the files.
+        train_written = count_by(_read_split(spark, stage / "train"), "stratum", PARTITION_COLUMN)
+        eval_written = count_by(_read_split(spark, stage / "eval"), "stratum", PARTITION_COLUMN)
+        train_after = _sum_by(train_written, lambda key: key[0])
+        eval_after = _sum_by(eval_written, lambda key: key[0])
 
-    train_in = sum(train_before.values())
-    eval_in = sum(eval_before.values())
-    train_out = sum(train_after.values())
-    eval_out = sum(eval_after.values())
-    check_balance("labelled rows", rows_in, {"train": train_in, "eval": eval_in})
-    check_balance("training rows", train_in, {"rows_out": train_out, "downsampled": dropped})
-    check_balance("eval rows", eval_in, {"rows_out": eval_out})
-    for stratum in sorted(set(planned_kept) | set(train_after)):
-        check_balance(
-            f"training stratum {stratum!r} kept",
-            planned_kept.get(stratum, 0),
-            {"rows_written": train_after.get(stratum, 0)},
-        )
+        train_in = sum(train_before.values())
+        eval_in = sum(eval_before.values())
+        train_out = sum(train_after.values())
+        eval_out = sum(eval_after.values())
+        check_balance("labelled rows", rows_in, {"train": train_in, "eval": eval_in})
+        check_balance("training rows", train_in, {"rows_out": train_out, "downsampled": dropped})
+        check_balance("eval rows", eval_in, {"rows_out": eval_out})
+        for stratum in sorted(set(planned_kept) | set(train_after)):
+            check_balance(
+                f"training stratum {stratum!r} kept",
+                planned_kept.get(stratum, 0),
+                {"rows_written": train_after.get(stratum, 0)},
+            )
+        for split, planned, written in (
+            ("training", train_dates, _sum_by(train_written, lambda key: key[1])),
+            ("eval", eval_dates, _sum_by(eval_written, lambda key: key[1])),
+        ):
+            for date in sorted(set(planned) | set(written)):
+                check_balance(f"{split} rows of {date}", planned.get(date, 0), {"rows_written": written.get(date, 0)})
 
-    manifest = {
-        "job": "downsample",
-        "seed": down.seed,
-        "stratum_column": down.stratum_column,
-        "split": {
-            "eval_start": iso_utc(eval_start_us),
-            "eval_start_source": eval_start_source,
-            "eval_days": cfg.split.eval_days,
-            "max_timestamp": iso_utc(max_time_us),
-            "train_rows": train_in,
-            "eval_rows": eval_in,
-        },
-        "strata": {
-            stratum: {
-                "rows_before": train_before[stratum],
-                "rows_after": train_after.get(stratum, 0),
-                "keep_rate": keep_rates[stratum].rate,
-                "rule": keep_rates[stratum].rule,
-            }
-            for stratum in sorted(train_before)
-        },
-        "action_keep_rates": action_keep_rates(train_before, train_after, cfg),
-        "rows_in": rows_in,
-        "train": {"rows_in": train_in, "rows_out": train_out, "dropped": {"downsampled": dropped}},
-        "eval": {"rows_in": eval_in, "rows_out": eval_out, "strata": dict(sorted(eval_after.items()))},
-        "inputs": {"labelled": str(labelled_path)},
-        "output": str(out_path),
-    }
-    write_manifest(out_path, manifest)
+        manifest = {
+            "job": "downsample",
+            "seed": down.seed,
+            "stratum_column": down.stratum_column,
+            "split": {
+                "eval_start": iso_utc(eval_start_us),
+                "eval_start_source": eval_start_source,
+                "eval_days": cfg.split.eval_days,
+                "max_timestamp": iso_utc(max_time_us),
+                "train_rows": train_in,
+                "eval_rows": eval_in,
+            },
+            "strata": {
+                stratum: {
+                    "rows_before": train_before[stratum],
+                    "rows_after": train_after.get(stratum, 0),
+                    "keep_rate": keep_rates[stratum].rate,
+                    "rule": keep_rates[stratum].rule,
+                }
+                for stratum in sorted(train_before)
+            },
+            "action_keep_rates": action_keep_rates(train_before, train_after, cfg),
+            "rows_in": rows_in,
+            "train": {"rows_in": train_in, "rows_out": train_out, "dropped": {"downsampled": dropped}},
+            "eval": {"rows_in": eval_in, "rows_out": eval_out, "strata": dict(sorted(eval_after.items()))},
+            "partitions": {
+                "train": dict(sorted(_sum_by(train_written, lambda key: key[1]).items())),
+                "eval": dict(sorted(_sum_by(eval_written, lambda key: key[1]).items())),
+            },
+            "row_group_rows": row_group_rows,
+            "file_rows": file_rows,
+            "inputs": {"labelled": str(labelled_path)},
+            "output": str(out_path),
+        }
+        write_manifest(stage, manifest)
+        logger.info("committing %s", out)
+        commit(stage, out)
+    except BaseException:
+        discard(stage)
+        raise
     return manifest
+
+
+def _sum_by(counts: dict[tuple, int], key: Callable[[tuple], object], where: Callable[[tuple], bool] = lambda _: True) -> dict:
+    """Sum ``count_by`` counts into the groups that ``key`` returns, over the keys that ``where`` accepts."""
+    sums: dict = {}
+    for full_key, n in counts.items():
+        if where(full_key):
+            group = key(full_key)
+            sums[group] = sums.get(group, 0) + n
+    return sums
+
+
+def _read_split(spark: SparkSession, path) -> DataFrame:
+    frame = spark.read.parquet(str(path))
+    return frame.withColumn(PARTITION_COLUMN, F.col(PARTITION_COLUMN).cast("string"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -542,6 +604,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--master", default=None, help="Spark master if no session is active (default: the one spark-submit sets)"
     )
+    add_layout_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -554,7 +617,9 @@ def _main(argv: list[str] | None = None) -> int:
 
     spark, created_here = get_or_create_session("valuerank-downsample", master=args.master)
     try:
-        manifest = run_downsample(spark, cfg, args.labelled, args.out)
+        manifest = run_downsample(
+            spark, cfg, args.labelled, args.out, row_group_rows=args.row_group_rows, file_rows=args.file_rows
+        )
     finally:
         if created_here:
             spark.stop()

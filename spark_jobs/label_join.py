@@ -50,6 +50,7 @@ import logging
 import sys
 from datetime import datetime
 from functools import reduce
+from pathlib import Path
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession, Window
@@ -73,7 +74,21 @@ from spark_jobs.common import (
     require_utc_session,
     run_command,
     write_manifest,
-    write_parquet,
+)
+from spark_jobs.output import (
+    DEFAULT_FILE_ROWS,
+    DEFAULT_ROW_GROUP_ROWS,
+    PARTITION_COLUMN,
+    add_layout_arguments,
+    commit,
+    date_folders,
+    discard,
+    footer_rows_per_date,
+    link_date_folders,
+    new_staging_folder,
+    partition_date,
+    recover_and_clean,
+    write_partitioned,
 )
 from valuerank.config import ConfigError, PipelineConfig, load_config, parse_utc
 
@@ -202,22 +217,22 @@ def mark_impressions(impressions: DataFrame, cfg: PipelineConfig, as_of_us: int 
         null_reason = F.when(condition, reason) if null_reason is None else null_reason.when(condition, reason)
     marked = marked.withColumn(OUTCOME, null_reason)
 
-    # Rank the valid rows of each impression id. Only the first one is kept.
+    # Rank the valid rows of each impression id. Only the first one is kept. Rows with a
+    # NULL key skip the window, so that many of them cannot pile up in one task.
+    invalid = marked.filter(F.col(OUTCOME).isNotNull())
+    marked = marked.filter(F.col(OUTCOME).isNull())
     tie_breakers = [
         quoted(f.name)
         for f in impressions.schema.fields
         if f.name not in _IMPRESSION_KEYS and isinstance(f.dataType, AtomicType) and not isinstance(f.dataType, VariantType)
     ]
-    by_id = Window.partitionBy("impression_id", F.col(OUTCOME).isNull()).orderBy(
-        TIME_US, "user_id", "item_id", *tie_breakers
-    )
+    by_id = Window.partitionBy("impression_id").orderBy(TIME_US, "user_id", "item_id", *tie_breakers)
     marked = marked.withColumn(_RANK, F.row_number().over(by_id))
     marked = marked.withColumn(
         OUTCOME,
-        F.when(F.col(OUTCOME).isNotNull(), F.col(OUTCOME))
-        .when(F.col(_RANK) > 1, F.lit("duplicate_impression_id"))
-        .otherwise(F.lit(LABELLED)),
+        F.when(F.col(_RANK) > 1, F.lit("duplicate_impression_id")).otherwise(F.lit(LABELLED)),
     ).drop(_RANK)
+    marked = marked.unionByName(invalid)
 
     if as_of_us is None:
         return marked
@@ -252,14 +267,15 @@ def mark_invalid_events(events: DataFrame, cfg: PipelineConfig) -> DataFrame:
         .when(~F.col("action").isin(*[a.name for a in cfg.actions]), F.lit("unknown_action")),
     )
 
-    copies = Window.partitionBy(
-        "user_id", "item_id", "action", TIME_US, "impression_id", F.col(OUTCOME).isNull()
-    ).orderBy(TIME_US)
-    marked = marked.withColumn(_RANK, F.row_number().over(copies))
-    return marked.withColumn(
-        OUTCOME,
-        F.when(F.col(OUTCOME).isNull() & (F.col(_RANK) > 1), F.lit("duplicate")).otherwise(F.col(OUTCOME)),
+    # Only valid events are ranked, so that rows with NULL keys cannot pile up in one task.
+    invalid = marked.filter(F.col(OUTCOME).isNotNull())
+    valid = marked.filter(F.col(OUTCOME).isNull())
+    copies = Window.partitionBy("user_id", "item_id", "action", TIME_US, "impression_id").orderBy(TIME_US)
+    valid = valid.withColumn(_RANK, F.row_number().over(copies))
+    valid = valid.withColumn(
+        OUTCOME, F.when(F.col(_RANK) > 1, F.lit("duplicate")).otherwise(F.col(OUTCOME))
     ).drop(_RANK)
+    return valid.unionByName(invalid)
 
 
 def _attributed_outcome(held: Column) -> Column:
@@ -438,8 +454,14 @@ def run_label_join(
     out_path: str,
     as_of: datetime | str | None = None,
     allow_absent_actions: bool = False,
+    row_group_rows: int = DEFAULT_ROW_GROUP_ROWS,
+    file_rows: int = DEFAULT_FILE_ROWS,
 ) -> dict:
     """Label the impressions, write them to ``out_path`` with a manifest, and return the manifest.
+
+    The output is partitioned by the UTC date of the impression (``dt=YYYY-MM-DD``). Every
+    date that has an impression in this run's input is replaced, dates of an earlier run
+    outside them are kept, and the swap is atomic (``spark_jobs.output``).
 
     The output path and every input file's schema are checked before Spark reads any
     data. The manifest's row counts are checked to add up, and ``rows_out`` and
@@ -453,7 +475,7 @@ def run_label_join(
         as_of = parse_utc(as_of, "--as-of")
     unit = cfg.columns.timestamp_unit
     reserved = (*cfg.label_columns, *INTERNAL_COLUMNS)
-    check_output_path("label_join", out_path, {"impressions": impressions_path, "events": events_path})
+    out = check_output_path("label_join", out_path, {"impressions": impressions_path, "events": events_path})
 
     # Check every file of both inputs and the feature columns before any Spark work.
     impression_input = inspect_parquet_input(
@@ -475,51 +497,88 @@ def run_label_join(
     logger.info("as_of %s (%s)", iso_utc(as_of_us), as_of_source)
 
     # Persist both outcome tables, because each feeds the output and the manifest counts.
+    # The plan is deterministic (no random numbers, ties broken by value), so a recomputed
+    # cache block yields the same rows, and the read-back check below catches any change.
     marked = mark_impressions(impressions, cfg, as_of_us).persist(StorageLevel.MEMORY_AND_DISK)
     attributed = attribute_events(marked, events, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    stage = None
     try:
-        impression_outcomes, event_outcomes = count_outcomes(marked, attributed)
+        impression_outcomes, event_outcomes, outcomes_by_date = count_outcomes(marked, attributed)
         if impression_outcomes.get(LABELLED, 0) == 0:
             raise EmptyOutputError(describe_no_labelled(marked, impression_outcomes, as_of_us, as_of_source, cfg))
-        labelled = label_impressions(marked, attributed, cfg)
-        write_parquet(spark, labelled, out_path)
+        labelled = with_partition_date(label_impressions(marked, attributed, cfg))
+        planned = {date: counts.get(LABELLED, 0) for date, counts in outcomes_by_date.items()}
+
+        # Build the new output in a staging folder, then count what was written there.
+        recover_and_clean(out)
+        stage = new_staging_folder(out)
+        logger.info("writing the new output to the staging folder %s", stage)
+        write_partitioned(spark, labelled, stage, planned, row_group_rows, file_rows)
+    except BaseException:
+        if stage is not None:
+            discard(stage)
+        raise
     finally:
         attributed.unpersist()
         marked.unpersist()
 
-    # Count what was written, so the manifest describes the files.
-    written = spark.read.schema(labelled.schema).parquet(str(out_path)).agg(
-        F.count(F.lit(1)).alias("rows"),
-        *[F.sum(a.label_column).alias(a.name) for a in cfg.actions],
-    ).first()
-    rows_out = written["rows"]
-    positives = {a.name: int(written[a.name] or 0) for a in cfg.actions}
+    try:
+        written = read_back(spark, stage, cfg)
+        for date in sorted(set(planned) | set(written)):
+            check_balance(
+                f"labelled impressions of {date}",
+                planned.get(date, 0),
+                {"rows_written": written.get(date, {}).get("rows", 0)},
+            )
+        rows_out = sum(part["rows"] for part in written.values())
+        positives = {a.name: sum(part["positives"][a.name] for part in written.values()) for a in cfg.actions}
 
-    manifest = {
-        "job": "label_join",
-        "as_of": iso_utc(as_of_us),
-        "as_of_source": as_of_source,
-        "attribution_windows_s": {a.name: a.window_seconds for a in cfg.actions},
-        "impressions": {
-            "rows_in": impression_input.rows,
-            "rows_out": rows_out,
-            "dropped": {reason: impression_outcomes.get(reason, 0) for reason in IMPRESSION_DROP_REASONS},
-            "held_back": {HELD_BACK: impression_outcomes.get(HELD_BACK, 0)},
-        },
-        "events": {
-            "rows_in": event_input.rows,
-            "attributed": event_outcomes.get(ATTRIBUTED, 0),
-            "attributed_to_held_back": event_outcomes.get(ATTRIBUTED_TO_HELD_BACK, 0),
-            "dropped": {reason: event_outcomes.get(reason, 0) for reason in EVENT_DROP_REASONS},
-        },
-        "positives": positives,
-        "label_columns": cfg.label_columns,
-        "missing_optional_columns": {"impressions": impression_input.absent, "events": event_input.absent},
-        "inputs": {"impressions": str(impression_input.path), "events": str(event_input.path)},
-        "output": str(out_path),
-    }
-    check_label_join_accounting(manifest, impression_outcomes.get(LABELLED, 0))
-    write_manifest(out_path, manifest)
+        # Dates of this run's impressions are replaced, and earlier dates outside them are kept.
+        kept_dates = sorted(set(date_folders(out)) - set(outcomes_by_date)) if out.is_dir() else []
+        link_date_folders(out, stage, kept_dates)
+
+        manifest = {
+            "job": "label_join",
+            "as_of": iso_utc(as_of_us),
+            "as_of_source": as_of_source,
+            "attribution_windows_s": {a.name: a.window_seconds for a in cfg.actions},
+            "impressions": {
+                "rows_in": impression_input.rows,
+                "rows_out": rows_out,
+                "dropped": {reason: impression_outcomes.get(reason, 0) for reason in IMPRESSION_DROP_REASONS},
+                "held_back": {HELD_BACK: impression_outcomes.get(HELD_BACK, 0)},
+            },
+            "events": {
+                "rows_in": event_input.rows,
+                "attributed": event_outcomes.get(ATTRIBUTED, 0),
+                "attributed_to_held_back": event_outcomes.get(ATTRIBUTED_TO_HELD_BACK, 0),
+                "dropped": {reason: event_outcomes.get(reason, 0) for reason in EVENT_DROP_REASONS},
+            },
+            "positives": positives,
+            "label_columns": cfg.label_columns,
+            "partitions": {
+                date: {
+                    "impressions_in": sum(outcomes_by_date[date].values()),
+                    "rows_out": written.get(date, {}).get("rows", 0),
+                    "held_back": outcomes_by_date[date].get(HELD_BACK, 0),
+                    "dropped": sum(outcomes_by_date[date].get(reason, 0) for reason in IMPRESSION_DROP_REASONS),
+                }
+                for date in sorted(outcomes_by_date)
+            },
+            "partitions_kept_from_earlier_runs": {date: rows for date, rows in footer_rows_per_date(stage).items() if date in kept_dates},
+            "row_group_rows": row_group_rows,
+            "file_rows": file_rows,
+            "missing_optional_columns": {"impressions": impression_input.absent, "events": event_input.absent},
+            "inputs": {"impressions": str(impression_input.path), "events": str(event_input.path)},
+            "output": str(out_path),
+        }
+        check_label_join_accounting(manifest, impression_outcomes.get(LABELLED, 0))
+        write_manifest(stage, manifest)
+        logger.info("committing %s", out)
+        commit(stage, out)
+    except BaseException:
+        discard(stage)
+        raise
     return manifest
 
 
@@ -569,15 +628,50 @@ def describe_no_labelled(
     return f"no impression was labelled: {counts}. {hints}"
 
 
-def count_outcomes(marked_impressions: DataFrame, attributed_events: DataFrame) -> tuple[dict[str, int], dict[str, int]]:
-    """Return the rows per outcome of impressions and of events, counted in one Spark job."""
-    outcomes = marked_impressions.select(F.lit("impressions").alias("table"), OUTCOME).unionByName(
-        attributed_events.select(F.lit("events").alias("table"), OUTCOME)
+def count_outcomes(
+    marked_impressions: DataFrame, attributed_events: DataFrame
+) -> tuple[dict[str, int], dict[str, int], dict[str, dict[str, int]]]:
+    """Return the rows per outcome of impressions and of events, and per date and outcome of impressions.
+
+    One Spark job counts all three. Impressions with a NULL timestamp have no date and
+    appear only in the first result.
+    """
+    outcomes = marked_impressions.select(
+        F.lit("impressions").alias("table"), OUTCOME, partition_date(F.col("timestamp")).alias(PARTITION_COLUMN)
+    ).unionByName(
+        attributed_events.select(F.lit("events").alias("table"), OUTCOME, F.lit(None).cast("string").alias(PARTITION_COLUMN))
     )
     counts: dict[str, dict[str, int]] = {"impressions": {}, "events": {}}
-    for row in outcomes.groupBy("table", OUTCOME).count().collect():
-        counts[row["table"]][row[OUTCOME]] = row["count"]
-    return counts["impressions"], counts["events"]
+    by_date: dict[str, dict[str, int]] = {}
+    for row in outcomes.groupBy("table", OUTCOME, PARTITION_COLUMN).count().collect():
+        table_counts = counts[row["table"]]
+        table_counts[row[OUTCOME]] = table_counts.get(row[OUTCOME], 0) + row["count"]
+        if row["table"] == "impressions" and row[PARTITION_COLUMN] is not None:
+            by_date.setdefault(row[PARTITION_COLUMN], {})[row[OUTCOME]] = row["count"]
+    return counts["impressions"], counts["events"], by_date
+
+
+def with_partition_date(labelled: DataFrame) -> DataFrame:
+    """Add the ``dt`` partition column (UTC date of ``timestamp``), replacing an input column of that name."""
+    if PARTITION_COLUMN in labelled.columns:
+        logger.warning(
+            "the impressions have a column %r; the output replaces it with the UTC date of the timestamp, "
+            "which names the output partitions", PARTITION_COLUMN,
+        )
+    return labelled.withColumn(PARTITION_COLUMN, partition_date(F.col("timestamp")))
+
+
+def read_back(spark: SparkSession, path: Path, cfg: PipelineConfig) -> dict[str, dict]:
+    """Return {date: {"rows": n, "positives": {action: n}}} counted in the files written under ``path``."""
+    frame = spark.read.parquet(str(path))
+    rows = frame.groupBy(F.col(PARTITION_COLUMN).cast("string").alias(PARTITION_COLUMN)).agg(
+        F.count(F.lit(1)).alias("_rows"),
+        *[F.sum(a.label_column).alias(a.name) for a in cfg.actions],
+    ).collect()
+    return {
+        row[PARTITION_COLUMN]: {"rows": row["_rows"], "positives": {a.name: int(row[a.name] or 0) for a in cfg.actions}}
+        for row in rows
+    }
 
 
 def check_label_join_accounting(manifest: dict, labelled_rows: int) -> None:
@@ -633,6 +727,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--master", default=None, help="Spark master if no session is active (default: the one spark-submit sets)"
     )
+    add_layout_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -648,6 +743,7 @@ def _main(argv: list[str] | None = None) -> int:
         manifest = run_label_join(
             spark, cfg, args.impressions, args.events, args.out, as_of=as_of,
             allow_absent_actions=args.allow_absent_actions,
+            row_group_rows=args.row_group_rows, file_rows=args.file_rows,
         )
     finally:
         if created_here:

@@ -285,7 +285,7 @@ def test_manifest_file_matches_returned(joined):
 
 def test_output_schema_follows_contract(joined):
     _, _, out = joined
-    schema = pq.read_schema(next(out.glob("part-*.parquet")))
+    schema = pq.read_schema(next(out.glob("dt=*/part-*.parquet")))
     assert schema.names == [
         "impression_id", "user_id", "item_id", "timestamp", "position", "surface", "label_click", "label_purchase",
     ]
@@ -389,5 +389,5 @@ def test_int32_and_int64_ids_widened(spark, tmp_path):
     rows = read_rows(out)
     assert {i: row["label_click"] for i, row in rows.items()} == {1: 1, 2: 1, big_impression: 1, 4: 0}
     assert rows[big_impression]["user_id"] == big_user
-    assert pq.read_schema(next(out.glob("part-*.parquet"))).field("impression_id").type == pa.int64()
+    assert pq.read_schema(next(out.glob("dt=*/part-*.parquet"))).field("impression_id").type == pa.int64()
     assert manifest["events"]["attributed"] == 3
