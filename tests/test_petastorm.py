@@ -7,6 +7,10 @@ the test of the error message runs instead.
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,3 +181,57 @@ def test_petastorm_too_many_ranks_named(split):
 def test_missing_petastorm_names_environment(split):
     with pytest.raises(DataError, match=r"make petastorm-venv.*\.venv-petastorm"):
         open_split(split, _config("petastorm"))
+
+
+TRAINER_CONFIG = """
+[[actions]]
+name = "click"
+attribution_window = "1h"
+
+[[actions]]
+name = "buy"
+attribution_window = "1d"
+
+[[sparse_features]]
+name = "user"
+column = "user_id"
+num_embeddings = 100
+embedding_dim = 8
+
+[[sparse_features]]
+name = "tags"
+column = "tags"
+num_embeddings = 50
+embedding_dim = 8
+
+[[dense_features]]
+column = "price"
+normalization = "log1p"
+
+[split]
+eval_days = 1
+
+[training]
+batch_size = 16
+epochs = 1
+reader = "petastorm"
+
+[sharding]
+allowed_sharding_types = ["table_wise"]
+"""
+
+
+@needs_petastorm
+def test_trainer_runs_with_petastorm_reader(split, tmp_path):
+    data = tmp_path / "data"
+    split.rename(tmp_path / "train_split")
+    shutil.copytree(tmp_path / "train_split", data / "train")
+    shutil.copytree(tmp_path / "train_split", data / "eval")
+    config = tmp_path / "config.toml"
+    config.write_text(TRAINER_CONFIG)
+    command = [sys.executable, "-m", "trainer.train", "--config", str(config), "--data", str(data), "--out", str(tmp_path / "out")]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["rows"] == 98

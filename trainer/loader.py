@@ -310,6 +310,8 @@ class SplitData:
         rotated = [plans[(start_batch + i) % count] for i in range(count)]
         train = self.cfg.training
         if train.loader_workers == 0:
+            # NOTE: this path neither pins memory nor prefetches, so on a GPU the copy of each
+            # batch waits for its decoding; use loader_workers >= 1 there.
             streams = [iterate_stream(plan, self.reader, batch_size) for plan in rotated]
             for index in itertools.count():
                 parts = next(streams[index % count], None)
