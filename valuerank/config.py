@@ -240,7 +240,7 @@ class TrainingConfig:
 
     reader: Literal["native", "petastorm"] = "native"
     """Parquet reader: ``native`` (Arrow row groups to KeyedJaggedTensor) or ``petastorm``, which
-    needs the optional petastorm environment (``pip install .[petastorm]``, or ``.venv-petastorm``)."""
+    runs only in the separate ``.venv-petastorm`` environment that ``make petastorm-venv`` creates."""
 
     loader_workers: int = 1
     """DataLoader worker processes per rank that read and batch; 0 reads in the training process."""
