@@ -367,3 +367,16 @@ def test_loader_settings_validated():
         _config(prefetch_batches=0)
     with pytest.raises(ConfigError, match="training.reader: invalid value 'arrow'"):
         _config(reader="arrow")
+
+
+def test_worker_order_is_round_robin_of_streams(split):
+    from trainer.batch_plan import stream_seed
+    from trainer.loader import StreamPlan, iterate_stream
+
+    data = SplitData(split, _config(loader_workers=2, shuffle_buffer_rows=16))
+    streams = split_streams(rank_ranges(data.groups, 0, 5, 1, 2, True), 4, 2)
+    plans = [StreamPlan(tuple(s), tuple(stream_seed(5, 0, 1, i)), 0, 16) for i, s in enumerate(streams)]
+    iterators = [iterate_stream(plan, data.reader, 4) for plan in plans]
+    expected = [next(iterators[j % 2])["row_index"].tolist() for j in range(data.num_train_batches(2, 4))]
+
+    assert _epoch_rows(data, 0, 1, 2, 4, seed=5) == expected
