@@ -34,7 +34,8 @@ def predict(model: torch.nn.Module, data: SplitData, cfg: PipelineConfig, device
     outputs = []
     for batch in data.eval_batches(rank, world_size, cfg.training.batch_size):
         batch = batch.to(device)
-        probabilities = torch.sigmoid(model(batch.dense, batch.sparse))
+        _, output = model(batch)
+        probabilities = torch.sigmoid(output.logits)
         keep = batch.row_index >= 0
         rows.append(batch.row_index[keep].cpu())
         outputs.append(probabilities[keep].float().cpu())

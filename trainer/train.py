@@ -28,14 +28,15 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
-from trainer.data import DataError, SplitData
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+from trainer.data import DataError, open_split
 from trainer.evaluate import evaluate
-from trainer.loss import multitask_loss
 from trainer.metrics import load_action_keep_rates
-from trainer.model import MultiTaskModel
 from trainer.preflight import check_out_dir, reset_out_dir
 from trainer.reporting import make_writer, metric_line, plot_training_curves, setup_logging
 from trainer.sharding import ShardingConfigError, format_plan, shard_model
+from trainer.train_step import TrainingModel
 from valuerank.config import ConfigError, PipelineConfig, load_config, to_dict
 from valuerank.output_paths import OutputPathError
 
@@ -92,8 +93,8 @@ class Trainer:
         dist.barrier()
 
         # Data first: the dense statistics of the training split normalise both splits.
-        self.train_data = SplitData(data_dir / "train", cfg)
-        self.eval_data = SplitData(data_dir / "eval", cfg, dense_stats=self.train_data.dense_stats)
+        self.train_data = open_split(data_dir / "train", cfg)
+        self.eval_data = open_split(data_dir / "eval", cfg, dense_stats=self.train_data.dense_stats)
         self.action_keep_rates = load_action_keep_rates(data_dir / "_manifest.json")
         logger.info("data: %d training rows, %d evaluation rows from %s", self.train_data.num_rows, self.eval_data.num_rows, data_dir)
         positives = self.train_data.labels.sum(axis=0)
@@ -105,11 +106,10 @@ class Trainer:
                 )
 
         # Model: tables on the meta device, materialised shard by shard by DMP.
-        model = MultiTaskModel(cfg, device=torch.device("meta"))
+        model = TrainingModel(cfg, device=torch.device("meta"))
         self.model, self.optimizer, self.plan = shard_model(model, cfg, self.device, self.world_size, self.local_world_size)
         logger.info("sharding plan:\n%s", format_plan(self.plan))
 
-        self.task_weights = torch.tensor([a.task_weight for a in cfg.actions], device=self.device)
         self.writer = make_writer(self.rank, out_dir / "tensorboard")
         self.steps_per_epoch = self.train_data.num_train_batches(self.world_size, cfg.training.batch_size)
         logger.info(
@@ -132,23 +132,24 @@ class Trainer:
         interval_examples = 0
         start = time.perf_counter()
 
+        # TrainPipelineSparseDist runs zero_grad, forward, backward (the embedding optimizer
+        # runs inside backward) and the optimizer step, overlapping the next batch's input
+        # distribution and device copy with this batch's compute.
+        pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
         for epoch in range(cfg.epochs):
-            for batch in self.train_data.train_batches(epoch, self.rank, self.world_size, cfg.batch_size, cfg.seed):
-                batch = batch.to(self.device, non_blocking=True)
-
-                # Forward, backward (the embedding optimizer runs inside backward), dense step.
-                logits = self.model(batch.dense, batch.sparse)
-                row_weights = batch.weights if cfg.loss_weighting == "inverse_keep_rate" else torch.ones_like(batch.weights)
-                loss, per_action = multitask_loss(logits, batch.labels, batch.label_mask, row_weights, self.task_weights)
-                self.optimizer.zero_grad()
-                loss.backward()
-                self.optimizer.step()
+            batches = iter(self.train_data.train_batches(epoch, self.rank, self.world_size, cfg.batch_size, cfg.seed))
+            while True:
+                try:
+                    output = pipeline.progress(batches)
+                except StopIteration:
+                    break
+                loss, per_action = output.loss, output.per_action
 
                 step += 1
                 progress.update(1)
                 interval_loss += torch.cat([loss.detach().reshape(1), per_action])
                 interval_steps += 1
-                interval_examples += batch.batch_size
+                interval_examples += output.logits.shape[0]
                 if step % cfg.log_every != 0 and step != total_steps:
                     continue
 
@@ -168,6 +169,8 @@ class Trainer:
                 interval_examples = 0
                 interval_start = time.perf_counter()
         progress.close()
+        # Restore the model's own forward, which evaluation calls directly.
+        pipeline.detach()
 
         elapsed = time.perf_counter() - start
         examples = self.train_data.num_rows // self.world_size * self.world_size * cfg.epochs

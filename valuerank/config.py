@@ -238,6 +238,23 @@ class TrainingConfig:
     log_every: int = 20
     """Steps between metric lines."""
 
+    reader: Literal["native", "petastorm"] = "native"
+    """Parquet reader: ``native`` (Arrow row groups to KeyedJaggedTensor) or ``petastorm``, which
+    runs only in the separate ``.venv-petastorm`` environment that ``make petastorm-venv`` creates."""
+
+    loader_workers: int = 1
+    """DataLoader worker processes per rank that read and batch; 0 reads in the training process."""
+
+    shuffle: bool = True
+    """Shuffle the training rows: a seeded row-group order per epoch plus the shuffle buffer."""
+
+    shuffle_buffer_rows: int = 100_000
+    """Rows per loader worker that are mixed in memory before batches are drawn; 0 keeps row order
+    within the row-group order."""
+
+    prefetch_batches: int = 2
+    """Batches that each loader worker prepares ahead of the training step."""
+
     @property
     def resolved_backend(self) -> str:
         """The process group backend after resolving ``auto``."""
@@ -462,6 +479,11 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     for name in ("embedding_lr", "dense_lr"):
         if getattr(train, name) <= 0:
             raise ConfigError(f"training.{name}: must be positive, got {getattr(train, name)}")
+    for name in ("loader_workers", "shuffle_buffer_rows"):
+        if getattr(train, name) < 0:
+            raise ConfigError(f"training.{name}: must be >= 0, got {getattr(train, name)}")
+    if train.prefetch_batches <= 0:
+        raise ConfigError(f"training.prefetch_batches: must be positive, got {train.prefetch_batches}")
     if train.device == "cpu" and train.backend == "nccl":
         raise ConfigError("training.backend: nccl needs device = 'cuda'; use 'gloo' or 'auto' on cpu")
 
