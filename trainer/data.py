@@ -188,12 +188,18 @@ class SplitData:
             row_index=torch.from_numpy(row_index),
         )
 
-    def train_batches(self, epoch: int, rank: int, world_size: int, batch_size: int, seed: int) -> Iterator[Batch]:
-        """Yield this rank's shuffled batches for ``epoch``; every rank gets the same count."""
+    def train_batches(
+        self, epoch: int, rank: int, world_size: int, batch_size: int, seed: int, start_batch: int = 0
+    ) -> Iterator[Batch]:
+        """Yield this rank's shuffled batches for ``epoch``; every rank gets the same count.
+
+        ``start_batch`` skips the first batches of the epoch, so that a resumed run gets the
+        same later batches as an uninterrupted epoch.
+        """
         order = np.random.default_rng([seed, epoch]).permutation(self.num_rows)
         per_rank = self.num_rows // world_size
         mine = order[rank::world_size][:per_rank]
-        for start in range(0, per_rank, batch_size):
+        for start in range(start_batch * batch_size, per_rank, batch_size):
             yield self.make_batch(mine[start : start + batch_size])
 
     def num_train_batches(self, world_size: int, batch_size: int) -> int:

@@ -7,6 +7,8 @@
     valuerank train --nproc-per-node 2 --config C --data DIR --out DIR     (torchrun)
     valuerank generate --out DIR                     (synthetic log)
     valuerank adapt kuairand|open-bandit --src S --out DIR
+    valuerank export --model TRAIN_OUT_DIR --out model.pt   (one file, no process group)
+    valuerank score --model model.pt --impressions PARQUET --out scores.parquet
 """
 
 from __future__ import annotations
@@ -113,6 +115,18 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv) or 0
 
 
+def _export(argv: list[str]) -> int:
+    from trainer.export import main as export_main
+
+    return export_main(argv)
+
+
+def _score(argv: list[str]) -> int:
+    from trainer.score import main as score_main
+
+    return score_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -121,6 +135,8 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "adapt": _adapt,
+    "export": _export,
+    "score": _score,
 }
 
 
@@ -129,11 +145,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from spark_jobs.common import AccountingError, EmptyOutputError, InputSchemaError, OutputPathError
     from trainer.data import DataError
     from trainer.sharding import ShardingConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import ExportError
     from trainer.train import DeviceError
 
     errors = [
         ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
         DataError, ShardingConfigError, DeviceError, FileNotFoundError, FileExistsError,
+        CheckpointError, ExportError,
     ]
     return tuple(errors)
 
