@@ -113,5 +113,5 @@ def test_outputs_written(run):
 
     assert (paths.model / "plots" / "calibration.png").stat().st_size > 0
     assert (paths.model / "plots" / "training_curve.png").stat().st_size > 0
-    assert (paths.model / "checkpoint" / ".metadata").exists()
+    assert list((paths.model / "checkpoints").glob("step-*/.metadata"))
     assert list((paths.model / "tensorboard").iterdir())

@@ -18,7 +18,7 @@ from valuerank.output_paths import check_output_path
 
 MANIFEST_NAME = "_manifest.json"
 TRAIN_JOB = "train"
-_EARLIER_OUTPUTS = ("checkpoint", "tensorboard", "predictions", "plots", "metrics.json")
+_EARLIER_OUTPUTS = ("checkpoint", "tensorboard", "predictions", "plots", "metrics.json", "checkpoints", "steps")
 
 
 def check_data(cfg: PipelineConfig, data: Path) -> None:

@@ -6,8 +6,10 @@ Launch with torchrun (``valuerank train`` wraps it and sets threads per rank)::
         --config configs/demo.toml --data runs/demo/downsampled --out runs/demo/model
 
 Without torchrun it runs as a single rank. Outputs under ``--out``: ``metrics.json``,
-``predictions/`` (Parquet), ``plots/*.png``, ``tensorboard/`` and ``checkpoint/``
-(torch.distributed.checkpoint, sharded as trained).
+``predictions/`` (Parquet), ``plots/*.png``, ``tensorboard/``, ``checkpoints/step-<N>/``
+(torch.distributed.checkpoint, sharded as trained; see trainer.checkpoint) and
+``steps/rank-<r>.jsonl`` (one line per trained step). With ``training.resume`` on, a
+restarted job continues from the newest checkpoint in ``--out``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from tqdm import tqdm
 
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
+from trainer.checkpoint import (
+    CheckpointError, CheckpointManager, StepLog, TrainingPosition, check_compatible, convert_position,
+    find_resume_checkpoint, read_metadata,
+)
 from trainer.data import DataError, open_split
 from trainer.evaluate import evaluate
 from trainer.metrics import load_action_keep_rates
@@ -88,9 +93,12 @@ class Trainer:
         np.random.seed(cfg.training.seed)
         # Every rank checks the output folder; rank 0 clears an earlier run's outputs.
         check_out_dir(out_dir, data_dir)
-        if self.rank == 0:
+        resume_from = find_resume_checkpoint(out_dir, cfg.training.resume, self.rank)
+        if self.rank == 0 and resume_from is None:
             reset_out_dir(out_dir)
         dist.barrier()
+        if resume_from is not None:
+            check_compatible(resume_from, read_metadata(resume_from), to_dict(cfg))
 
         # Data first: the dense statistics of the training split normalise both splits.
         self.train_data = open_split(data_dir / "train", cfg)
@@ -118,14 +126,54 @@ class Trainer:
             self.steps_per_epoch, cfg.training.epochs, torch.get_num_threads(),
         )
 
+        # Checkpoints: resume after the model and optimizer exist, because DCP loads in place.
+        self.checkpoints = CheckpointManager(out_dir, cfg.training.keep_last_checkpoints, self.rank, self.world_size)
+        self.step_log = StepLog(out_dir, self.rank)
+        self.position = TrainingPosition()
+        self.history: list[dict] = []
+        self.last_saved_step: int | None = None
+        if resume_from is not None:
+            self._resume(resume_from)
+
+    def _resume(self, checkpoint: Path) -> None:
+        metadata = self.checkpoints.load(checkpoint, self.model, self.optimizer)
+        saved = TrainingPosition(**metadata["position"])
+        self.position = convert_position(saved, int(metadata["world_size"]), self.world_size, self.steps_per_epoch)
+        self.history = metadata.get("history", [])
+        self.last_saved_step = saved.step
+        logger.info(
+            "resumed from %s: step %d, epoch %d, batch %d of the epoch (saved by %d rank(s))",
+            checkpoint, self.position.step, self.position.epoch, self.position.batch_in_epoch, metadata["world_size"],
+        )
+
+    def checkpoint_metadata(self) -> dict:
+        """Run facts stored with every checkpoint; the export reads them."""
+        return {
+            "config": to_dict(self.cfg),
+            "dense_stats": self.train_data.dense_stats.to_dict(),
+            "action_keep_rates": self.action_keep_rates,
+            "plan": self.plan,
+            "history": self.history,
+        }
+
+    def maybe_save_checkpoint(self, force: bool = False) -> None:
+        """Save every ``checkpoint_every_steps`` steps, and when ``force`` is set unless this step is saved."""
+        every = self.cfg.training.checkpoint_every_steps
+        step = self.position.step
+        due = force or (every > 0 and step % every == 0)
+        if not due or step == self.last_saved_step:
+            return
+        self.checkpoints.save(self.model, self.optimizer, self.position, self.checkpoint_metadata())
+        self.last_saved_step = step
+
     def train(self) -> dict:
         """Run every epoch; return a summary with the loss history."""
         cfg = self.cfg.training
         names = [a.name for a in self.cfg.actions]
-        history = []
-        step = 0
+        history = self.history
+        step = self.position.step
         total_steps = self.steps_per_epoch * cfg.epochs
-        progress = tqdm(total=total_steps, disable=self.rank != 0, desc="train", unit="step", mininterval=2.0)
+        progress = tqdm(total=total_steps, initial=step, disable=self.rank != 0, desc="train", unit="step", mininterval=2.0)
         interval_loss = torch.zeros(len(names) + 1, device=self.device)
         interval_steps = 0
         interval_start = time.perf_counter()
@@ -136,8 +184,18 @@ class Trainer:
         # runs inside backward) and the optimizer step, overlapping the next batch's input
         # distribution and device copy with this batch's compute.
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.device, execute_all_batches=True)
-        for epoch in range(cfg.epochs):
-            batches = iter(self.train_data.train_batches(epoch, self.rank, self.world_size, cfg.batch_size, cfg.seed))
+        first_epoch = self.position.epoch
+        for epoch in range(first_epoch, cfg.epochs):
+            start_batch = self.position.batch_in_epoch if epoch == first_epoch else 0
+            batches = iter(
+                self.train_data.train_batches(
+                    epoch, self.rank, self.world_size, cfg.batch_size, cfg.seed, start_batch=start_batch
+                )
+            )
+
+            # The pipeline reads ahead of the step it trains, so the batch index counts
+            # finished steps, not batches taken from the iterator.
+            batch_index = start_batch
             while True:
                 try:
                     output = pipeline.progress(batches)
@@ -147,6 +205,10 @@ class Trainer:
 
                 step += 1
                 progress.update(1)
+                self.step_log.write(step, epoch, batch_index, loss.item())
+                batch_index += 1
+                self.position = self.position.advanced(self.steps_per_epoch)
+                self.maybe_save_checkpoint()
                 interval_loss += torch.cat([loss.detach().reshape(1), per_action])
                 interval_steps += 1
                 interval_examples += output.logits.shape[0]
@@ -174,6 +236,7 @@ class Trainer:
 
         elapsed = time.perf_counter() - start
         examples = self.train_data.num_rows // self.world_size * self.world_size * cfg.epochs
+        # NOTE: after a resume, elapsed covers only this attempt while examples counts every epoch.
         return {
             "steps": step,
             "epochs": cfg.epochs,
@@ -199,19 +262,9 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self) -> Path:
-        """Save the sharded model with torch.distributed.checkpoint plus the run's metadata."""
-        path = self.out_dir / "checkpoint"
-        dcp.save({"model": self.model.state_dict()}, checkpoint_id=str(path))
-        if self.rank == 0:
-            metadata = {
-                "config": to_dict(self.cfg),
-                "world_size": self.world_size,
-                "dense_stats": self.train_data.dense_stats.to_dict(),
-                "action_keep_rates": self.action_keep_rates,
-                "plan": self.plan,
-            }
-            (path / "valuerank.json").write_text(json.dumps(metadata, indent=2, default=str))
-        return path
+        """Save the final checkpoint (unless the last step is saved already); return its folder."""
+        self.maybe_save_checkpoint(force=True)
+        return self.checkpoints.root / f"step-{self.position.step:08d}"
 
     def run(self) -> None:
         training = self.train()
@@ -236,6 +289,7 @@ class Trainer:
         and the job would hang instead of exiting.
         """
         self.writer.close()
+        self.step_log.close()
         if not failed:
             dist.barrier()
         dist.destroy_process_group()
@@ -261,7 +315,7 @@ def json_safe(value):
     return value
 
 
-USER_ERRORS = (ConfigError, DataError, ShardingConfigError, DeviceError, OutputPathError)
+USER_ERRORS = (ConfigError, DataError, ShardingConfigError, DeviceError, OutputPathError, CheckpointError)
 
 
 def main(argv: list[str] | None = None) -> int:

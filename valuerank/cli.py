@@ -8,6 +8,8 @@
     valuerank generate --out DIR                     (synthetic log)
     valuerank adapt kuairand|open-bandit --src S --out DIR
     valuerank k8s render --config C --out DIR         (Kubernetes manifests)
+    valuerank export --model TRAIN_OUT_DIR --out model.pt   (one file, no process group)
+    valuerank score --model model.pt --impressions PARQUET --out scores.parquet
 """
 
 from __future__ import annotations
@@ -115,6 +117,18 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv) or 0
 
 
+def _export(argv: list[str]) -> int:
+    from trainer.export import main as export_main
+
+    return export_main(argv)
+
+
+def _score(argv: list[str]) -> int:
+    from trainer.score import main as score_main
+
+    return score_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -124,6 +138,8 @@ COMMANDS = {
     "generate": _generate,
     "adapt": _adapt,
     "k8s": k8s_command,
+    "export": _export,
+    "score": _score,
 }
 
 
@@ -132,11 +148,14 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from spark_jobs.common import AccountingError, EmptyOutputError, InputSchemaError, OutputPathError
     from trainer.data import DataError
     from trainer.sharding import ShardingConfigError
+    from trainer.checkpoint import CheckpointError
+    from trainer.export import ExportError
     from trainer.train import DeviceError
 
     errors = [
         ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
         DataError, ShardingConfigError, DeviceError, FileNotFoundError, FileExistsError,
+        CheckpointError, ExportError,
     ]
     return tuple(errors)
 

@@ -152,6 +152,9 @@ class SparseFeature:
     hashing: bool = True
     """Hash ids into [0, num_embeddings); when off, an id outside that range is an error."""
 
+    managed_collision: bool = False
+    """Use torchrec's managed collision handling for a growing id vocabulary (GPU only, see validate)."""
+
 
 @dataclass
 class DenseFeature:
@@ -254,6 +257,15 @@ class TrainingConfig:
 
     prefetch_batches: int = 2
     """Batches that each loader worker prepares ahead of the training step."""
+
+    checkpoint_every_steps: int = 500
+    """Steps between periodic checkpoints in ``<out>/checkpoints/``; 0 saves only at the end of training."""
+
+    keep_last_checkpoints: int = 3
+    """Number of newest checkpoints kept; older ones are deleted after each save."""
+
+    resume: bool = True
+    """Continue an unfinished run from its newest checkpoint in ``<out>/checkpoints/``; false starts over."""
 
     @property
     def resolved_backend(self) -> str:
@@ -486,6 +498,29 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(f"training.prefetch_batches: must be positive, got {train.prefetch_batches}")
     if train.device == "cpu" and train.backend == "nccl":
         raise ConfigError("training.backend: nccl needs device = 'cuda'; use 'gloo' or 'auto' on cpu")
+    if train.checkpoint_every_steps < 0:
+        raise ConfigError(
+            f"training.checkpoint_every_steps: must be >= 0 (0 saves only at the end), got {train.checkpoint_every_steps}"
+        )
+    if train.keep_last_checkpoints < 1:
+        raise ConfigError(f"training.keep_last_checkpoints: must be at least 1, got {train.keep_last_checkpoints}")
+    for i, feature in enumerate(cfg.sparse_features):
+        if not feature.managed_collision:
+            continue
+        if train.device == "cpu":
+            # Measured with torchrec 1.8: the managed collision collection plans only with
+            # row_wise sharding, which the planner rejects on cpu.
+            raise ConfigError(
+                f"sparse_features[{i}].managed_collision: torchrec's managed collision tables need row_wise "
+                "sharding, which does not plan on cpu; set managed_collision = false and keep hashing = true "
+                "on cpu, or train with device = 'cuda'"
+            )
+        # TODO: build a ManagedCollisionEmbeddingBagCollection for these features; that path
+        # needs a GPU to test, and none was available.
+        raise ConfigError(
+            f"sparse_features[{i}].managed_collision: managed collision is not built into the model yet; "
+            "set managed_collision = false and use hashing = true"
+        )
 
     if cfg.sharding.memory_budget_gib <= 0:
         raise ConfigError(f"sharding.memory_budget_gib: must be positive, got {cfg.sharding.memory_budget_gib}")

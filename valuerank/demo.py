@@ -94,5 +94,5 @@ def run_demo(out: Path, impressions: int, seed: int, nproc_per_node: int, config
     for name, values in metrics["actions"].items():
         shown = {key: _format_metric(values[key]) for key in ("auc", "normalized_entropy", "calibration")}
         print(f"  {name:<12} auc={shown['auc']} ne={shown['normalized_entropy']} calibration={shown['calibration']}")
-    print(f"\nOutputs: {paths.model} (metrics.json, predictions/, plots/, checkpoint/), {out / 'truth_report.json'}")
+    print(f"\nOutputs: {paths.model} (metrics.json, predictions/, plots/, checkpoints/), {out / 'truth_report.json'}")
     return report
