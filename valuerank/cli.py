@@ -7,6 +7,9 @@
     valuerank train --nproc-per-node 2 --config C --data DIR --out DIR     (torchrun)
     valuerank generate --out DIR                     (synthetic log)
     valuerank adapt kuairand|open-bandit --src S --out DIR
+    valuerank baselines --config C --data DIR --out DIR      (logistic regression, xgboost)
+    valuerank compare --run NAME=DIR ... --out DIR           (comparison table and plots)
+    valuerank sweep --config C --data DIR --out DIR          (learning rate, embedding, towers)
 """
 
 from __future__ import annotations
@@ -113,6 +116,24 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv) or 0
 
 
+def _baselines(argv: list[str]) -> int:
+    from trainer.baselines.run import main as baselines_main
+
+    return baselines_main(argv)
+
+
+def _compare(argv: list[str]) -> int:
+    from trainer.comparison import main as compare_main
+
+    return compare_main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from trainer.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -121,6 +142,9 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "adapt": _adapt,
+    "baselines": _baselines,
+    "compare": _compare,
+    "sweep": _sweep,
 }
 
 
@@ -135,6 +159,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
         ConfigError, InputSchemaError, OutputPathError, EmptyOutputError, AccountingError,
         DataError, ShardingConfigError, DeviceError, FileNotFoundError, FileExistsError,
     ]
+    from trainer.comparison import ComparisonError
+    from trainer.ranking import RankingDataError
+    from trainer.sweep import SweepError
+
+    errors += [ComparisonError, RankingDataError, SweepError]
     return tuple(errors)
 
 
