@@ -131,7 +131,7 @@ def test_target_encoding_leaves_out_own_label(runs):
     assert encoded[0, names.index("user_rate_like")] == pytest.approx(encoder.prior[1])
 
 
-def test_target_encoding_of_new_split_uses_all_training_rows(runs):
+def test_target_encoding_new_split(runs):
     _, cfg, _ = runs
     train = _arrays([[5], [5], [5], [1]], [1.0, 1.0, 0.0, 0.0])
     encoder = TargetEncoder(cfg, folds=2, smoothing=4.0)

@@ -80,7 +80,7 @@ def ndcg_by_group(
 ) -> dict:
     """Compute the mean min-max NDCG over groups (see the module docstring for the definition).
 
-    ``group`` holds integer group codes [N], ``gains`` the realised values [N] and ``scores``
+    ``group`` contains integer group codes [N], ``gains`` the realised values [N] and ``scores``
     the predicted value scores [N]. Returns ``ndcg`` over whole groups, ``ndcg@k`` for each
     cutoff, the same for a random order, and the group and row counts. The means are
     unweighted over the groups with a defined NDCG, and are NaN when there is none.

@@ -6,9 +6,9 @@
 Every configuration trains with ``valuerank train`` (torchrun) in ``<out>/trials/<id>/``.
 By default it is scored on a validation split cut from the last ``--validation-days`` of the
 training split, written to ``<out>/data/``, so the evaluation split stays untouched for the
-final comparison. Its rows come from the downsampled training split, so their metrics are on
-the downsampled mix of rows; they rank configurations, but their calibration is not that of
-the full log. ``--on-eval`` scores on the evaluation split instead.
+final comparison. The validation rows come from the downsampled training split, so their
+metrics describe the downsampled mix of rows. They rank configurations, but their
+calibration is not that of the full log. ``--on-eval`` scores on the evaluation split instead.
 
 The search space is a grid, one ``--param KEY=[V1, V2, ...]`` per dimension, where KEY is a
 config key such as ``training.dense_lr`` or ``model.tower_layers``, or ``embedding_dim``,
@@ -132,7 +132,7 @@ def carve_validation(data_dir: Path, out_dir: Path, days: float) -> dict:
 
 
 def _trial_row(trial: str, point: dict, status: str, seconds: float, metrics: dict | None, cfg: PipelineConfig) -> dict:
-    row = {"trial": trial, **{key: json.dumps(value) for key, value in point.items()}, "status": status, "seconds": round(seconds, 1)}
+    row = {"trial": trial, **{key: json.dumps(value) for key, value in point.items()}, "status": status, "seconds": int(round(seconds))}
     actions = (metrics or {}).get("actions", {})
     ranking = (metrics or {}).get("value_score", {}).get("ranking") or {}
     aucs = []

@@ -1,7 +1,7 @@
 """Feature matrices for the baselines, built from the trainer's own batches.
 
 The ids are the hashed embedding rows that the multi-task model looks up, and the dense
-values are normalised as for the model, so every model sees the same inputs.
+values are normalised as for the model, so every model gets the same inputs.
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ class TargetEncoder:
     For an id with n training rows of which k have the action, the rate encoding is
     (k + smoothing * prior) / (n + smoothing), where prior is the action's training rate.
     Training rows are encoded out of fold: a row's counts and rates come from the other folds
-    only, so a tree never sees a rate computed from the row's own label, and ids seen once
+    only, so no tree is trained on a rate computed from the row's own label, and ids seen once
     get count 0 as new ids in the evaluation split do. Rows of other splits use the whole
     training split. A row with several ids gets the mean of their encodings, and a row
     without ids gets NaN, which xgboost treats as missing.

@@ -5,7 +5,7 @@
 
 For each model, ``<out>/<model>/`` gets the trainer's layout: ``metrics.json`` (same keys as
 the trainer's, plus ``model`` and ``settings``), ``predictions/part-0.parquet`` and
-``plots/calibration.png``; xgboost adds ``plots/boosting_curves.png`` with the training and
+``plots/calibration.png``. xgboost adds ``plots/boosting_curves.png`` with the training and
 holdout log loss per round. ``valuerank compare`` reads these folders beside a trainer run.
 """
 
