@@ -159,3 +159,13 @@ def test_wide_matrix_one_hot_and_mean_pooling(runs):
     assert matrix[0, 7] == pytest.approx(1 / 3)
     assert matrix[1, 2] == 1.0
     assert matrix[0, 64] == 1.0
+
+
+def test_cli_compare_reports_missing_run(tmp_path):
+    command = [sys.executable, "-m", "valuerank.cli", "compare", "--run", f"model={tmp_path / 'none'}", "--out", str(tmp_path / "out")]
+
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+
+    assert result.returncode == 2
+    assert "metrics.json not found" in result.stderr
+    assert "Traceback" not in result.stderr
