@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from trainer.data import SplitData
 from trainer.metrics import action_metrics, correct_for_keep_rates, keep_rates_for_rows
+from trainer.ranking import RankingDataError, value_ndcg
 from trainer.reporting import plot_calibration
 from valuerank.config import PipelineConfig
 
@@ -104,8 +105,25 @@ def evaluate(model, data: SplitData, cfg: PipelineConfig, device: torch.device, 
     q = predict(model, data, cfg, device)
     if q is None:
         return None
+    return report_predictions(q, data, cfg, action_keep_rates, out_dir)
 
+
+def report_predictions(q: np.ndarray, data: SplitData, cfg: PipelineConfig, action_keep_rates: dict, out_dir: Path) -> dict:
+    """Score raw predictions ``q`` [num_rows, num_actions]; write predictions and plots under ``out_dir``.
+
+    The trainer and the baselines both call this, so their metrics share one definition.
+    """
     metrics, corrected, value_score = score_predictions(q, data, cfg, action_keep_rates)
+    try:
+        ranking = value_ndcg(cfg, data.path, data.impression_id, data.labels, data.label_mask, value_score)
+        logger.info(
+            "eval value_score ndcg=%.4f (random order %.4f) over %d %s groups",
+            ranking["ndcg"], ranking["random_order_ndcg"], ranking["groups_scored"], ranking["group_by"],
+        )
+    except RankingDataError as error:
+        # The downsample job always writes the group columns; hand-built splits may lack them.
+        logger.warning("value-score NDCG skipped: %s", error)
+        ranking = {"skipped": str(error)}
     write_predictions(out_dir / "predictions" / "part-0.parquet", data, cfg, q, corrected, value_score)
     labels = {a.name: data.labels[:, i] for i, a in enumerate(cfg.actions)}
     plot_calibration(out_dir / "plots" / "calibration.png", labels, corrected)
@@ -115,6 +133,7 @@ def evaluate(model, data: SplitData, cfg: PipelineConfig, device: torch.device, 
             "weights": {a.name: a.value_weight for a in cfg.actions},
             "mean": float(value_score.mean()),
             "std": float(value_score.std()),
+            "ranking": ranking,
         },
         "rows": data.num_rows,
     }

@@ -36,12 +36,18 @@ def _mlp(in_features: int, widths: list[int]) -> nn.Sequential:
 
 
 class MultiTaskModel(nn.Module):
-    """Shared-bottom multi-task model.
+    """Multi-task model with one tower per action, on a shared bottom or a mixture of experts.
 
     Pooled embeddings [B, sum(embedding_dim)] are concatenated with the dense features
-    [B, num_dense], passed through the shared MLP, and each action's tower maps the
-    shared output to one logit. ``forward`` returns logits [B, num_actions] in config
-    action order.
+    [B, num_dense] into the input x. ``model.architecture`` picks what the towers see:
+
+    - ``shared_bottom``: one shared MLP over x feeds every tower.
+    - ``mmoe`` (multi-gate mixture of experts): E expert MLPs run on x. Each action has a
+      gate, a linear layer over x followed by a softmax over the E experts, and its tower
+      reads the gate-weighted sum of the expert outputs.
+
+    Each tower maps its input to one logit. ``forward`` returns logits [B, num_actions] in
+    config action order.
 
     Example::
 
@@ -53,20 +59,46 @@ class MultiTaskModel(nn.Module):
         super().__init__()
         tables = embedding_configs(cfg)
         self.ebc = EmbeddingBagCollection(tables=tables, device=device or torch.device("cpu"))
+        self.architecture = cfg.model.architecture
 
         # Dense layers are built on the CPU and moved by DistributedModelParallel. Only the
         # embedding tables start on the meta device, so no rank allocates a whole table.
         input_width = sum(t.embedding_dim for t in tables) + len(cfg.dense_features)
-        self.shared = _mlp(input_width, cfg.model.shared_layers)
-        shared_width = cfg.model.shared_layers[-1] if cfg.model.shared_layers else input_width
-        tower_width = cfg.model.tower_layers[-1] if cfg.model.tower_layers else shared_width
+        if self.architecture == "mmoe":
+            self.experts = nn.ModuleList(_mlp(input_width, cfg.model.expert_layers) for _ in range(cfg.model.num_experts))
+            self.gates = nn.ModuleList(nn.Linear(input_width, cfg.model.num_experts) for _ in cfg.actions)
+            bottom_width = cfg.model.expert_layers[-1]
+        else:
+            self.shared = _mlp(input_width, cfg.model.shared_layers)
+            bottom_width = cfg.model.shared_layers[-1] if cfg.model.shared_layers else input_width
+        tower_width = cfg.model.tower_layers[-1] if cfg.model.tower_layers else bottom_width
         self.towers = nn.ModuleList(
-            nn.Sequential(_mlp(shared_width, cfg.model.tower_layers), nn.Linear(tower_width, 1))
+            nn.Sequential(_mlp(bottom_width, cfg.model.tower_layers), nn.Linear(tower_width, 1))
             for _ in cfg.actions
         )
         self.action_names = [a.name for a in cfg.actions]
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        pooled = self.ebc(sparse).values()
-        shared = self.shared(torch.cat([pooled, dense], dim=1))
-        return torch.cat([tower(shared) for tower in self.towers], dim=1)
+        features = torch.cat([self.ebc(sparse).values(), dense], dim=1)
+        if self.architecture == "shared_bottom":
+            shared = self.shared(features)
+            return torch.cat([tower(shared) for tower in self.towers], dim=1)
+
+        # experts: [B, E, W]; gates: [B, A, E]; tower inputs: [B, A, W].
+        experts = torch.stack([expert(features) for expert in self.experts], dim=1)
+        tower_inputs = torch.bmm(self._gate_weights(features), experts)
+        return torch.cat([tower(tower_inputs[:, i]) for i, tower in enumerate(self.towers)], dim=1)
+
+    def _gate_weights(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.stack([torch.softmax(gate(features), dim=1) for gate in self.gates], dim=1)
+
+    @torch.no_grad()
+    def gate_weights(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """Return the MMoE gate weights [B, num_actions, num_experts]; each [b, a, :] sums to 1.
+
+        Raises ValueError for the shared-bottom architecture, which has no gates.
+        """
+        if self.architecture != "mmoe":
+            raise ValueError(f"model.architecture = {self.architecture!r} has no gates; gate weights exist only for 'mmoe'")
+        features = torch.cat([self.ebc(sparse).values(), dense], dim=1)
+        return self._gate_weights(features)

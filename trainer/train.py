@@ -259,6 +259,9 @@ class Trainer:
             self.writer.add_scalar(f"eval/auc/{name}", values["auc"], step)
             self.writer.add_scalar(f"eval/normalized_entropy/{name}", values["normalized_entropy"], step)
             self.writer.add_scalar(f"eval/calibration/{name}", values["calibration"], step)
+        for key, value in metrics["value_score"]["ranking"].items():
+            if key.startswith("ndcg") and value is not None:
+                self.writer.add_scalar(f"eval/value_{key}", value, step)
         return metrics
 
     def save_checkpoint(self) -> Path:

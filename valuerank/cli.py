@@ -10,6 +10,9 @@
     valuerank k8s render --config C --out DIR         (Kubernetes manifests)
     valuerank export --model TRAIN_OUT_DIR --out model.pt   (one file, no process group)
     valuerank score --model model.pt --impressions PARQUET --out scores.parquet
+    valuerank baselines --config C --data DIR --out DIR      (logistic regression, xgboost)
+    valuerank compare --run NAME=DIR ... --out DIR           (comparison table and plots)
+    valuerank sweep --config C --data DIR --out DIR          (learning rate, embedding, towers)
 """
 
 from __future__ import annotations
@@ -129,6 +132,24 @@ def _score(argv: list[str]) -> int:
     return score_main(argv)
 
 
+def _baselines(argv: list[str]) -> int:
+    from trainer.baselines.run import main as baselines_main
+
+    return baselines_main(argv)
+
+
+def _compare(argv: list[str]) -> int:
+    from trainer.comparison import main as compare_main
+
+    return compare_main(argv)
+
+
+def _sweep(argv: list[str]) -> int:
+    from trainer.sweep import main as sweep_main
+
+    return sweep_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -140,6 +161,9 @@ COMMANDS = {
     "k8s": k8s_command,
     "export": _export,
     "score": _score,
+    "baselines": _baselines,
+    "compare": _compare,
+    "sweep": _sweep,
 }
 
 
@@ -157,6 +181,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
         DataError, ShardingConfigError, DeviceError, FileNotFoundError, FileExistsError,
         CheckpointError, ExportError,
     ]
+    from trainer.comparison import ComparisonError
+    from trainer.ranking import RankingDataError
+    from trainer.sweep import SweepError
+
+    errors += [ComparisonError, RankingDataError, SweepError]
     return tuple(errors)
 
 

@@ -207,6 +207,16 @@ class ModelConfig:
     tower_layers: list[int] = field(default_factory=lambda: [32])
     """Widths of each action tower's hidden layers; a final layer of width 1 is added."""
 
+    architecture: Literal["shared_bottom", "mmoe"] = "shared_bottom"
+    """``shared_bottom``: one shared MLP feeds every tower. ``mmoe``: ``num_experts`` expert MLPs,
+    mixed for each tower by its own softmax gate over the expert outputs (multi-gate mixture of experts)."""
+
+    num_experts: int = 4
+    """Experts of the ``mmoe`` architecture; ignored by ``shared_bottom``."""
+
+    expert_layers: list[int] = field(default_factory=lambda: [64, 32])
+    """Widths of each expert's MLP in the ``mmoe`` architecture; the last width feeds the towers."""
+
 
 @dataclass
 class TrainingConfig:
@@ -287,6 +297,20 @@ class ShardingConfig:
 
 
 @dataclass
+class EvaluationConfig:
+    ndcg_group: Literal["auto", "request", "user_day"] = "auto"
+    """Rows ranked together for the value-score NDCG. ``request``: rows with one request id.
+    ``user_day``: rows of one user on one calendar day. ``auto``: ``request`` when
+    ``columns.impressions.request_id`` is set, else ``user_day``."""
+
+    day_utc_offset_hours: float = 0.0
+    """Offset from UTC of the time zone whose calendar days form the ``user_day`` groups, e.g. 8 for UTC+8."""
+
+    ndcg_cutoffs: list[int] = field(default_factory=lambda: [10])
+    """Cutoffs k of the NDCG@k values reported beside the NDCG over whole groups."""
+
+
+@dataclass
 class PipelineConfig:
     actions: list[ActionConfig]
     """The actions to label and predict, in tower order."""
@@ -317,6 +341,9 @@ class PipelineConfig:
 
     k8s: K8sConfig = field(default_factory=lambda: K8sConfig())
     """Kubernetes deployment written by ``valuerank k8s render``; the stages themselves ignore it."""
+
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    """Value-score ranking evaluation settings."""
 
     def action(self, name: str) -> ActionConfig:
         """Return the action called ``name``."""
@@ -483,6 +510,24 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
     for key, layers in (("model.shared_layers", cfg.model.shared_layers), ("model.tower_layers", cfg.model.tower_layers)):
         if any(width <= 0 for width in layers):
             raise ConfigError(f"{key}: layer widths must be positive, got {layers}")
+
+    if cfg.model.architecture == "mmoe":
+        if cfg.model.num_experts < 1:
+            raise ConfigError(f"model.num_experts: must be at least 1 for architecture 'mmoe', got {cfg.model.num_experts}")
+        if not cfg.model.expert_layers or any(width <= 0 for width in cfg.model.expert_layers):
+            raise ConfigError(
+                f"model.expert_layers: list at least one positive width for architecture 'mmoe', got {cfg.model.expert_layers}"
+            )
+    if cfg.columns.impressions.request_id is None and cfg.evaluation.ndcg_group == "request":
+        raise ConfigError(
+            "evaluation.ndcg_group: 'request' needs columns.impressions.request_id; set it, or use 'user_day' or 'auto'"
+        )
+    if not -24 < cfg.evaluation.day_utc_offset_hours < 24:
+        raise ConfigError(
+            f"evaluation.day_utc_offset_hours: must lie strictly between -24 and 24, got {cfg.evaluation.day_utc_offset_hours}"
+        )
+    if any(k <= 0 for k in cfg.evaluation.ndcg_cutoffs):
+        raise ConfigError(f"evaluation.ndcg_cutoffs: cutoffs must be positive, got {cfg.evaluation.ndcg_cutoffs}")
 
     train = cfg.training
     for name in ("batch_size", "epochs", "log_every"):
