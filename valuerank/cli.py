@@ -7,6 +7,7 @@
     valuerank train --nproc-per-node 2 --config C --data DIR --out DIR     (torchrun)
     valuerank generate --out DIR                     (synthetic log)
     valuerank adapt kuairand|open-bandit --src S --out DIR
+    valuerank plan --config C --nodes N --gpus-per-node G   (dry-run sharding plan for a CUDA cluster)
 """
 
 from __future__ import annotations
@@ -113,6 +114,12 @@ def _generate(argv: list[str]) -> int:
     return generate_main(argv) or 0
 
 
+def _plan(argv: list[str]) -> int:
+    from valuerank.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -121,6 +128,7 @@ COMMANDS = {
     "train": _train,
     "generate": _generate,
     "adapt": _adapt,
+    "plan": _plan,
 }
 
 
