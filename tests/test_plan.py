@@ -21,7 +21,7 @@ from trainer.capacity import (
 )
 from valuerank import cli
 from valuerank.config import load_config
-from valuerank.plan import format_ranks
+from valuerank.plan import format_ranks, render
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_40_TABLES = REPO / "configs" / "production_40_tables.toml"
@@ -100,6 +100,18 @@ def test_plan_json_serializable(production_plan):
     _, plan = production_plan
     data = json.loads(json.dumps(plan.to_dict()))
     assert len(data["ranks"]) == 16
+
+
+def test_render_lists_every_table(production_plan):
+    cfg, plan = production_plan
+    text = render(plan.to_dict())
+    for feature in cfg.sparse_features:
+        assert f"t_{feature.name} " in text
+
+
+def test_render_shows_estimate(production_plan):
+    _, plan = production_plan
+    assert "records/s across 16 ranks" in render(plan.to_dict())
 
 
 def _smallest_nodes(message: str) -> int:

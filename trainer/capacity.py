@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 GIB = 1024**3
 BYTES_PER_MS_PER_GIBPS = GIB / 1000
-"""torchrec expresses bandwidths in bytes per millisecond; one GiB/s is this many."""
+"""Bytes per millisecond in one GiB/s, because torchrec expresses bandwidths in bytes per millisecond."""
 
 # Defaults of torchrec 1.8 (torchrec/distributed/planner/constants.py), in GiB/s.
 TORCHREC_INTRA_NODE_GIBPS = 600.0
@@ -94,7 +94,7 @@ class ClusterSpec:
     """Network bandwidth per GPU between nodes, in GiB/s."""
 
     hbm_bandwidth_gibps: float = TORCHREC_HBM_GIBPS
-    """HBM bandwidth per GPU, in GiB/s; the planner's lookup cost is proportional to its inverse."""
+    """HBM bandwidth per GPU, in GiB/s. The planner's lookup cost is proportional to its inverse."""
 
     reserved_share: float = DEFAULT_RESERVED_SHARE
     """Share of HBM kept for dense parameters, activations and input buffers."""
@@ -135,7 +135,7 @@ class ClusterSpec:
         return dataclasses.replace(self, nodes=nodes)
 
     def describe(self) -> str:
-        """One line naming the cluster, as used in messages."""
+        """Describe the cluster in one line, for messages."""
         return (
             f"{self.nodes} node(s) x {self.gpus_per_node} GPUs = {self.world_size} GPUs with "
             f"{self.hbm_gib:g} GiB HBM and {self.host_memory_gib:g} GiB host memory per GPU"
@@ -144,7 +144,7 @@ class ClusterSpec:
 
 @dataclass
 class TablePlan:
-    """Where the planner put one embedding table."""
+    """Placement of one embedding table by the planner."""
 
     table: str
     rows: int
@@ -207,7 +207,7 @@ class ThroughputEstimate:
 
 @dataclass
 class CapacityPlan:
-    """The planner's answer for one config on one cluster."""
+    """The planner's result for one config on one cluster."""
 
     cluster: ClusterSpec
     tables: list[TablePlan]

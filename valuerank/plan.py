@@ -14,15 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import statistics
 import sys
 from pathlib import Path
 
 from launch.local import positive_int
 from valuerank.config import load_config
-
-logger = logging.getLogger(__name__)
 
 RANKS_SHOWN_IN_FULL = 32
 """Up to this many ranks, the text output lists every rank; above it, a summary and the busiest ranks."""
@@ -175,11 +172,11 @@ def render(report: dict) -> str:
         "estimated cost per step (ms, torchrec planner)",
         f"{'rank':>5} {'HBM GiB':>8} {'HBM %':>6} {'host GiB':>9} {'compute':>8} {'comms':>8} {'total':>8}",
     ]
-    shown = ranks
+    listed_ranks = ranks
     if len(ranks) > RANKS_SHOWN_IN_FULL:
-        shown = sorted(ranks, key=lambda r: (-r["total_ms"], r["rank"]))[:5]
+        listed_ranks = sorted(ranks, key=lambda r: (-r["total_ms"], r["rank"]))[:5]
         lines.append(f"(the 5 ranks with the highest total of {len(ranks)}; every rank is in --json)")
-    for rank in shown:
+    for rank in listed_ranks:
         lines.append(_rank_line(str(rank["rank"]), rank))
     if len(ranks) > 1:
         lines.append(_rank_line("max", {key: max(r[key] for r in ranks) for key in _RANK_KEYS}))
