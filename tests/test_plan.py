@@ -158,6 +158,18 @@ def test_cli_reports_no_fit_with_status_2(capsys):
     assert "smallest cluster of this kind that fits" in capsys.readouterr().err
 
 
+def test_cli_find_smallest_reports_nodes(capsys, tmp_path):
+    # 47.7 GiB of tables fit in the 68 GiB left on one 80 GiB GPU.
+    out = tmp_path / "plan.json"
+    args = [
+        "plan", "--config", str(MODEL_10_TABLES), "--nodes", "4", "--gpus-per-node", "1", "--hbm-gib", "80",
+        "--find-smallest", "--json", str(out),
+    ]
+    assert cli.main(args) == 0
+    assert "smallest cluster of this kind that fits: 1 node(s) (1 GPUs)" in capsys.readouterr().out
+    assert json.loads(out.read_text())["smallest_fitting_nodes"] == 1
+
+
 def test_cli_rejects_full_reservation(capsys):
     assert cli.main(["plan", "--config", str(MODEL_10_TABLES), "--reserved-share", "1"]) == 2
     assert "--reserved-share must be in [0, 1)" in capsys.readouterr().err

@@ -114,7 +114,8 @@ def main(argv: list[str]) -> int:
 
     report = {"config": str(args.config), "overrides": list(args.override), **plan.to_dict()}
     if args.find_smallest:
-        smallest = smallest_fitting_cluster(cfg, cluster, min(args.max_nodes, cluster.nodes))
+        # The requested size fits, so the search up to it always ends with a plan.
+        smallest = smallest_fitting_cluster(cfg, cluster, cluster.nodes)
         report["smallest_fitting_nodes"] = smallest.cluster.nodes if smallest else None
     print(render(report))
     if args.json is not None:
@@ -192,7 +193,7 @@ def render(report: dict) -> str:
         f"{estimate['records_per_second']:,.0f} records/s across {cluster['world_size']} ranks",
         f"estimate covers {estimate['scope']}",
     ]
-    if "smallest_fitting_nodes" in report:
+    if report.get("smallest_fitting_nodes") is not None:
         nodes = report["smallest_fitting_nodes"]
         lines.append(f"smallest cluster of this kind that fits: {nodes} node(s) ({nodes * cluster['gpus_per_node']} GPUs)")
     return "\n".join(lines)
