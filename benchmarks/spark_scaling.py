@@ -5,15 +5,18 @@ under ``--work``), then runs both jobs in a fresh child process with its own JVM
 that each size starts cold and its peak memory is its own. Per job it records:
 
 - wall time, from the job's start to its manifest;
-- shuffle bytes written and read, input and output bytes, spill, executor run time and
-  the largest per-task peak execution memory, summed over the job's stages from
-  Spark's status store (the data behind the web UI, filled by Spark's
-  AppStatusListener whether the UI runs or not; no REST call is made);
+- shuffle bytes written and read, input and output bytes, spill, task run time and CPU
+  time, summed over the job's stages, and the largest peak execution memory of one task.
+  They come from Spark's status store, the data behind the web UI, which Spark's
+  AppStatusListener fills whether the UI runs or not. No REST call is made;
 - the peak resident memory of the JVM, read from /proc/<pid>/status (VmHWM) after
   resetting it through /proc/<pid>/clear_refs when the job starts.
 
 It then fits ``value = a * impressions ** b`` to each measure by least squares on the
-logarithms and prints a table. The results go to ``<work>/results.json``.
+logarithms, and projects core time, executors, shuffle and executor memory for the
+``--daily-impressions`` volumes from the largest run under the assumptions that the other
+flags set. The results go to ``<work>/results.json``; ``--project-only`` redoes only the
+projection from that file.
 
 Command (what docs/scaling.md reports)::
 
