@@ -13,6 +13,7 @@
     valuerank baselines --config C --data DIR --out DIR      (logistic regression, xgboost)
     valuerank compare --run NAME=DIR ... --out DIR           (comparison table and plots)
     valuerank sweep --config C --data DIR --out DIR          (learning rate, embedding, towers)
+    valuerank plan --config C --nodes N --gpus-per-node G   (dry-run sharding plan for a CUDA cluster)
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ def _sweep(argv: list[str]) -> int:
     return sweep_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from valuerank.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 COMMANDS = {
     "demo": _demo,
     "pipeline": _pipeline,
@@ -164,6 +171,7 @@ COMMANDS = {
     "baselines": _baselines,
     "compare": _compare,
     "sweep": _sweep,
+    "plan": _plan,
 }
 
 
