@@ -493,6 +493,12 @@ def run_downsample(
     planned_kept = _sum_by(decisions, lambda key: key[0], lambda key: key[1])
     train_dates = _sum_by(decisions, lambda key: key[2], lambda key: key[1])
     dropped = sum(n for (_, kept, _), n in decisions.items() if not kept)
+    if not planned_kept:
+        rates = ", ".join(f"{stratum} {rate.rate}" for stratum, rate in sorted(keep_rates.items()))
+        raise EmptyOutputError(
+            f"downsampling keeps none of the {sum(train_before.values())} training rows (keep rates: {rates}); "
+            "raise downsampling.keep_rates or downsampling.target_negative_ratio, or label a longer period"
+        )
 
     # Every check passed. Build the whole new output in a staging folder. The earlier
     # output stays in place until the swap at the end.
@@ -505,8 +511,9 @@ def run_downsample(
         write_partitioned(spark, mark_eval(eval_rows), stage / "eval", eval_dates, row_group_rows, file_rows)
 
         # Count what was written, so the manifest describes the files.
-        train_written = count_by(_read_split(spark, stage / "train"), "stratum", PARTITION_COLUMN)
-        eval_written = count_by(_read_split(spark, stage / "eval"), "stratum", PARTITION_COLUMN)
+        train_written = count_by(spark.read.schema(train_out_frame.schema).parquet(str(stage / "train")), "stratum", PARTITION_COLUMN)
+        eval_frame = mark_eval(eval_rows)
+        eval_written = count_by(spark.read.schema(eval_frame.schema).parquet(str(stage / "eval")), "stratum", PARTITION_COLUMN)
         train_after = _sum_by(train_written, lambda key: key[0])
         eval_after = _sum_by(eval_written, lambda key: key[0])
 
@@ -581,11 +588,6 @@ def _sum_by(counts: dict[tuple, int], key: Callable[[tuple], object], where: Cal
             group = key(full_key)
             sums[group] = sums.get(group, 0) + n
     return sums
-
-
-def _read_split(spark: SparkSession, path) -> DataFrame:
-    frame = spark.read.parquet(str(path))
-    return frame.withColumn(PARTITION_COLUMN, F.col(PARTITION_COLUMN).cast("string"))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -299,3 +299,27 @@ def test_main_crosses_stratum_column_with_target_ratio(spark, source):
         value = row["surface"] if row["surface"] is not None else "__null__"
         assert row["stratum"] == f"{value}/{pattern(row)}", row["impression_id"]
     assert {row["weight"] for row in read_split(out, "eval")} == {1.0}
+
+
+def test_keeping_no_training_rows_rejected(spark, tmp_path):
+    rows = 8
+    table = pa.table(
+        {
+            "impression_id": pa.array([0, 4, -3, 3, -2, 2, -1, 1], pa.int64()),
+            "item_id": pa.array([1] * rows, pa.int64()),
+            "timestamp": pa.array([T0] * (rows - 1) + [T0 + timedelta(hours=12, minutes=1)], pa.timestamp("us", tz="UTC")),
+            "label_click": pa.array([0] * rows, pa.int8()),
+            "label_purchase": pa.array([0] * rows, pa.int8()),
+        }
+    )
+    labelled = write_files(table, tmp_path / "labelled", files=1)
+    data = copy.deepcopy(CONFIG)
+    data["split"] = {"eval_days": 0.5}
+    data["downsampling"] = {"seed": 1, "keep_rates": {"negative": 0.1}}
+    cfg = config_from_dict(data)
+
+    with pytest.raises(downsample.EmptyOutputError) as error:
+        downsample.run_downsample(spark, cfg, str(labelled), str(tmp_path / "out"))
+
+    assert "downsampling keeps none of the 7 training rows" in str(error.value)
+    assert not (tmp_path / "out").exists()

@@ -286,6 +286,8 @@ def downsample(con: duckdb.DuckDBPyConnection, labelled: str, actions: list[Acti
         FROM ref_strata s JOIN ref_rates r USING (stratum)
         WHERE NOT s.is_eval AND s.keep_draw < r.keep_rate
     """)
+    if con.execute("SELECT count(*) FROM ref_train").fetchone()[0] == 0:
+        raise ReferenceRejects("downsampling keeps no training row")
     con.execute("""
         CREATE OR REPLACE TEMP TABLE ref_eval AS
         SELECT impression_id, stratum, 1.0::DOUBLE AS keep_rate, 1.0::DOUBLE AS weight FROM ref_strata WHERE is_eval
