@@ -65,6 +65,7 @@ def test_baseline_metrics_json_is_strict(runs):
     assert metrics["model"] == "xgboost"
     assert (root / "baselines" / "xgboost" / "plots" / "boosting_curves.png").stat().st_size > 0
     assert (root / "baselines" / "logistic" / "plots" / "calibration.png").stat().st_size > 0
+    assert list((root / "baselines" / "logistic" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_comparison_writes_table_and_plots(runs):

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -131,7 +132,7 @@ def test_mmoe_trains_on_two_ranks(tiny, tmp_path):
 
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    saved = json.loads((out / "checkpoint" / "valuerank.json").read_text())
+    saved = json.loads((Path(metrics["checkpoint"]) / "valuerank.json").read_text())
     assert metrics["world_size"] == 2
     assert metrics["rows"] == 200
     assert saved["config"]["model"]["architecture"] == "mmoe"

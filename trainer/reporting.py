@@ -95,13 +95,21 @@ def plot_calibration(path: Path, labels: dict[str, np.ndarray], predictions: dic
     plt.close(fig)
 
 
-def plot_training_curves(path: Path, history: list[dict]) -> None:
-    """Write the total and per-action training loss against the step as a PNG."""
+def plot_training_curves(path: Path, history: list[dict], eval_history: list[dict] | None = None) -> None:
+    """Write the training loss and, when given, the evaluation log loss against the step as a PNG.
+
+    The training panel shows the loss on downsampled rows. The evaluation panel shows the log
+    loss of the keep-rate-corrected probabilities on the full evaluation split, so its scale
+    differs from the training panel's.
+    """
     if not history:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
+    panels = 2 if eval_history else 1
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 5), squeeze=False)
+
+    ax = axes[0][0]
     steps = [h["step"] for h in history]
-    fig, ax = plt.subplots(figsize=(8, 5))
     ax.plot(steps, [h["loss"] for h in history], label="total", linewidth=2)
     for name in history[0]["per_action"]:
         ax.plot(steps, [h["per_action"][name] for h in history], label=name, linewidth=1)
@@ -110,6 +118,18 @@ def plot_training_curves(path: Path, history: list[dict]) -> None:
     ax.set_yscale("log")
     ax.legend()
     ax.set_title("Training loss")
+
+    if eval_history:
+        ax = axes[0][1]
+        steps = [h["step"] for h in eval_history]
+        for name in eval_history[0]["log_loss"]:
+            ax.plot(steps, [h["log_loss"][name] for h in eval_history], marker="o", label=name)
+        ax.set_xlabel("step")
+        ax.set_ylabel("evaluation log loss (corrected probabilities)")
+        ax.set_yscale("log")
+        ax.legend()
+        ax.set_title("Evaluation loss")
+
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

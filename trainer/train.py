@@ -36,7 +36,7 @@ from trainer.checkpoint import (
     find_resume_checkpoint, read_metadata,
 )
 from trainer.data import DataError, open_split
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, predict, score_predictions
 from trainer.metrics import load_action_keep_rates
 from trainer.preflight import check_out_dir, reset_out_dir
 from trainer.reporting import make_writer, metric_line, plot_training_curves, setup_logging
@@ -131,6 +131,7 @@ class Trainer:
         self.step_log = StepLog(out_dir, self.rank)
         self.position = TrainingPosition()
         self.history: list[dict] = []
+        self.eval_history: list[dict] = []
         self.last_saved_step: int | None = None
         if resume_from is not None:
             self._resume(resume_from)
@@ -140,6 +141,7 @@ class Trainer:
         saved = TrainingPosition(**metadata["position"])
         self.position = convert_position(saved, int(metadata["world_size"]), self.world_size, self.steps_per_epoch)
         self.history = metadata.get("history", [])
+        self.eval_history = metadata.get("eval_history", [])
         self.last_saved_step = saved.step
         logger.info(
             "resumed from %s: step %d, epoch %d, batch %d of the epoch (saved by %d rank(s))",
@@ -154,6 +156,7 @@ class Trainer:
             "action_keep_rates": self.action_keep_rates,
             "plan": self.plan,
             "history": self.history,
+            "eval_history": self.eval_history,
         }
 
     def maybe_save_checkpoint(self, force: bool = False) -> None:
@@ -230,6 +233,9 @@ class Trainer:
                 interval_steps = 0
                 interval_examples = 0
                 interval_start = time.perf_counter()
+            if self.epoch_evaluation_due(epoch):
+                pipeline.detach()
+                self.evaluate_epoch(epoch, step)
         progress.close()
         # Restore the model's own forward, which evaluation calls directly.
         pipeline.detach()
@@ -246,17 +252,51 @@ class Trainer:
             "history": history,
         }
 
+    def epoch_evaluation_due(self, epoch: int) -> bool:
+        """True after every ``eval_every_epochs``-th epoch except the last, which ``run`` evaluates."""
+        every = self.cfg.training.eval_every_epochs
+        return every > 0 and (epoch + 1) % every == 0 and epoch + 1 < self.cfg.training.epochs
+
+    def evaluate_epoch(self, epoch: int, step: int) -> None:
+        """Score the evaluation split after ``epoch`` for the evaluation curve; no files are written.
+
+        Every rank takes part, because the sharded embedding lookup is a collective. The next
+        ``pipeline.progress`` call attaches the training pipeline again.
+        """
+        q = predict(self.model, self.eval_data, self.cfg, self.device)
+        if q is None:
+            return
+        metrics, _, _ = score_predictions(q, self.eval_data, self.cfg, self.action_keep_rates)
+        self.record_evaluation(step, epoch, metrics)
+
+    def record_evaluation(self, step: int, epoch: int, action_metrics: dict) -> None:
+        """Log one evaluation point (rank 0) and keep it for the evaluation curve."""
+        point = {
+            "step": step,
+            "epoch": epoch,
+            "log_loss": {name: values["log_loss"] for name, values in action_metrics.items()},
+            "auc": {name: values["auc"] for name, values in action_metrics.items()},
+        }
+        self.eval_history.append(point)
+        for name, values in action_metrics.items():
+            logger.info(
+                "eval step=%d epoch=%d action=%s auc=%.4f log_loss=%.4f",
+                step, epoch, name, values["auc"], values["log_loss"],
+            )
+            self.writer.add_scalar(f"eval/log_loss/{name}", values["log_loss"], step)
+            self.writer.add_scalar(f"eval/auc/{name}", values["auc"], step)
+
     def evaluate(self, step: int) -> dict | None:
         metrics = evaluate(self.model, self.eval_data, self.cfg, self.device, self.action_keep_rates, self.out_dir)
         if metrics is None:
             return None
+        self.record_evaluation(step, self.cfg.training.epochs - 1, metrics["actions"])
         for name, values in metrics["actions"].items():
             logger.info(
                 "eval action=%s auc=%.4f log_loss=%.4f ne=%.4f calibration=%.3f calibration_uncorrected=%.3f rate=%.5f",
                 name, values["auc"], values["log_loss"], values["normalized_entropy"],
                 values["calibration"], values["calibration_uncorrected"], values["observed_rate"],
             )
-            self.writer.add_scalar(f"eval/auc/{name}", values["auc"], step)
             self.writer.add_scalar(f"eval/normalized_entropy/{name}", values["normalized_entropy"], step)
             self.writer.add_scalar(f"eval/calibration/{name}", values["calibration"], step)
         for key, value in metrics["value_score"]["ranking"].items():
@@ -275,7 +315,8 @@ class Trainer:
         checkpoint = self.save_checkpoint()
         metrics = self.evaluate(step=training["steps"])
         if self.rank == 0:
-            plot_training_curves(self.out_dir / "plots" / "training_curve.png", training["history"])
+            plot_training_curves(self.out_dir / "plots" / "training_curve.png", training["history"], self.eval_history)
+            metrics["eval_history"] = self.eval_history
             metrics.update(
                 training=training,
                 world_size=self.world_size,

@@ -277,6 +277,10 @@ class TrainingConfig:
     resume: bool = True
     """Continue an unfinished run from its newest checkpoint in ``<out>/checkpoints/``; false starts over."""
 
+    eval_every_epochs: int = 1
+    """Epochs between evaluations on the evaluation split during training, for the evaluation
+    curve; 0 evaluates only once, after the last epoch."""
+
     @property
     def resolved_backend(self) -> str:
         """The process group backend after resolving ``auto``."""
@@ -547,6 +551,8 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         raise ConfigError(
             f"training.checkpoint_every_steps: must be >= 0 (0 saves only at the end), got {train.checkpoint_every_steps}"
         )
+    if train.eval_every_epochs < 0:
+        raise ConfigError(f"training.eval_every_epochs: must be >= 0 (0 evaluates only at the end), got {train.eval_every_epochs}")
     if train.keep_last_checkpoints < 1:
         raise ConfigError(f"training.keep_last_checkpoints: must be at least 1, got {train.keep_last_checkpoints}")
     for i, feature in enumerate(cfg.sparse_features):

@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+from math import isfinite
 from pathlib import Path
 
 import matplotlib
@@ -31,6 +32,7 @@ from trainer.baselines.models import LogisticSettings, XGBoostSettings, fit_logi
 from trainer.data import SplitData  # noqa: E402
 from trainer.evaluate import report_predictions  # noqa: E402
 from trainer.metrics import load_action_keep_rates  # noqa: E402
+from trainer.reporting import make_writer  # noqa: E402
 from valuerank.config import PipelineConfig, load_config  # noqa: E402
 from valuerank.output_paths import check_output_path  # noqa: E402
 
@@ -99,6 +101,7 @@ def run_baselines(
         if feature_names is not None:
             metrics["features"] = feature_names
         (model_dir / "metrics.json").write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False))
+        write_eval_scalars(model_dir / "tensorboard", metrics)
         for action, values in metrics["actions"].items():
             logger.info("%s eval action=%s auc=%.4f ne=%.4f calibration=%.3f", name, action, values["auc"], values["normalized_entropy"], values["calibration"])
         logger.info("wrote %s (%.1f s)", model_dir / "metrics.json", seconds)
@@ -126,6 +129,24 @@ def plot_boosting_curves(path: Path, curves: dict[str, dict[str, list[float]]]) 
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_eval_scalars(log_dir: Path, metrics: dict) -> None:
+    """Write the evaluation metrics as TensorBoard scalars under the trainer's tags, at step 0.
+
+    A baseline has no training steps that match the network's, so its one point sits at step 0;
+    TensorBoard then shows each baseline as a run beside the network's ``tensorboard`` folder.
+    """
+    writer = make_writer(0, log_dir)
+    for action, values in metrics["actions"].items():
+        for key in ("auc", "log_loss", "normalized_entropy", "calibration"):
+            value = values.get(key)
+            if value is not None and isfinite(value):
+                writer.add_scalar(f"eval/{key}/{action}", value, 0)
+    for key, value in metrics["value_score"].get("ranking", {}).items():
+        if key.startswith("ndcg") and isinstance(value, float) and isfinite(value):
+            writer.add_scalar(f"eval/value_{key}", value, 0)
+    writer.close()
 
 
 def build_parser(prog: str = "valuerank baselines") -> argparse.ArgumentParser:
