@@ -133,7 +133,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=2_000_000, help="rows in the generated dataset")
     parser.add_argument("--data", type=Path, help="folder for the dataset (default: a temporary folder); reused if it has Parquet files")
     parser.add_argument("--batch-size", type=int, default=8192, help="rows per batch")
-    parser.add_argument("--workers", type=int, default=1, help="native loader DataLoader workers (training.loader_workers)")
+    parser.add_argument(
+        "--workers", type=int, default=None,
+        help="native loader DataLoader workers (training.loader_workers; default: the config default, 0 on cpu)",
+    )
     parser.add_argument("--shuffle-buffer-rows", type=int, default=100_000,
                         help="native shuffle buffer rows, also petastorm's shuffling_queue_capacity when shuffled")
     parser.add_argument("--petastorm-workers", type=int, default=2, help="petastorm reader threads")
@@ -164,11 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             generate(folder, args.rows)
         total_rows = sum(pq.ParquetFile(p).metadata.num_rows for p in folder.glob("*.parquet"))
 
-        figures: dict = {"rows": total_rows, "batch_size": args.batch_size, "loader_workers": args.workers,
-                         "shuffle_buffer_rows": args.shuffle_buffer_rows, "petastorm_workers": args.petastorm_workers}
-        figures["raw_read_table_rows_per_s"] = best_rate(lambda: measure_raw(folder), args.repeats)
         setup, plain = open_native(folder, args.workers, False, args.shuffle_buffer_rows)
         _, shuffled = open_native(folder, args.workers, True, args.shuffle_buffer_rows)
+        plain_workers = plain.cfg.training.resolved_loader_workers
+        figures: dict = {"rows": total_rows, "batch_size": args.batch_size, "loader_workers": plain_workers,
+                         "shuffle_buffer_rows": args.shuffle_buffer_rows, "petastorm_workers": args.petastorm_workers}
+        figures["raw_read_table_rows_per_s"] = best_rate(lambda: measure_raw(folder), args.repeats)
         figures["native_open_seconds"] = setup
         figures["native_rows_per_s"] = best_rate(lambda: measure_native(plain, args.batch_size), args.repeats)
         figures["native_shuffled_rows_per_s"] = best_rate(lambda: measure_native(shuffled, args.batch_size), args.repeats)

@@ -228,7 +228,7 @@ class SplitData:
         """
         train = self.cfg.training
         ranges = rank_ranges(self.groups, epoch, seed, rank, world_size, train.shuffle)
-        streams = split_streams(ranges, batch_size, max(train.loader_workers, 1))
+        streams = split_streams(ranges, batch_size, max(train.resolved_loader_workers, 1))
         plans = [
             StreamPlan(
                 ranges=tuple(stream),
@@ -252,7 +252,7 @@ class SplitData:
         begin = min(self.num_rows, rank * per_rank)
         end = min(self.num_rows, (rank + 1) * per_rank)
         ranges = cut(epoch_order(self.groups, 0, 0, shuffle=False), begin, end)
-        streams = split_streams(ranges, batch_size, max(self.cfg.training.loader_workers, 1))
+        streams = split_streams(ranges, batch_size, max(self.cfg.training.resolved_loader_workers, 1))
         plans = [StreamPlan(tuple(stream), None, 0, 0) for stream in streams]
 
         shape = (len(self.cfg.dense_features), len(self.cfg.sparse_features), len(self.cfg.actions))
@@ -309,9 +309,11 @@ class SplitData:
         count = len(plans)
         rotated = [plans[(start_batch + i) % count] for i in range(count)]
         train = self.cfg.training
-        if train.loader_workers == 0:
+        if train.resolved_loader_workers == 0:
             # NOTE: this path neither pins memory nor prefetches, so on a GPU the copy of each
             # batch waits for its decoding; use loader_workers >= 1 there.
+            # TODO: read the next row group on a background thread while this one is decoded;
+            # reading and decoding one after the other keeps this path below read_table's rate.
             streams = [iterate_stream(plan, self.reader, batch_size) for plan in rotated]
             for index in itertools.count():
                 parts = next(streams[index % count], None)

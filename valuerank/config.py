@@ -255,8 +255,11 @@ class TrainingConfig:
     """Parquet reader: ``native`` (Arrow row groups to KeyedJaggedTensor) or ``petastorm``, which
     runs only in the separate ``.venv-petastorm`` environment that ``make petastorm-venv`` creates."""
 
-    loader_workers: int = 1
-    """DataLoader worker processes per rank that read and batch; 0 reads in the training process."""
+    loader_workers: int | None = None
+    """DataLoader worker processes per rank that read and batch; 0 reads in the training process.
+    Unset means 0 on cpu and 2 on cuda. On cpu, copying each batch out of a worker process costs
+    more than the overlap gains, as benchmarks/loader.py shows. On cuda the workers pin memory
+    and prefetch, so decoding overlaps the GPU step."""
 
     shuffle: bool = True
     """Shuffle the training rows: a seeded row-group order per epoch plus the shuffle buffer."""
@@ -280,6 +283,13 @@ class TrainingConfig:
     eval_every_epochs: int = 1
     """Epochs between evaluations on the evaluation split during training, for the evaluation
     curve; 0 evaluates only once, after the last epoch."""
+
+    @property
+    def resolved_loader_workers(self) -> int:
+        """DataLoader workers per rank after resolving the unset default."""
+        if self.loader_workers is not None:
+            return self.loader_workers
+        return 2 if self.device == "cuda" else 0
 
     @property
     def resolved_backend(self) -> str:
@@ -541,7 +551,7 @@ def validate(cfg: PipelineConfig) -> PipelineConfig:
         if getattr(train, name) <= 0:
             raise ConfigError(f"training.{name}: must be positive, got {getattr(train, name)}")
     for name in ("loader_workers", "shuffle_buffer_rows"):
-        if getattr(train, name) < 0:
+        if getattr(train, name) is not None and getattr(train, name) < 0:
             raise ConfigError(f"training.{name}: must be >= 0, got {getattr(train, name)}")
     if train.prefetch_batches <= 0:
         raise ConfigError(f"training.prefetch_batches: must be positive, got {train.prefetch_batches}")
