@@ -29,6 +29,7 @@ from pathlib import Path, PurePosixPath
 import yaml
 
 from valuerank.config import K8sConfig, PipelineConfig, load_config
+from valuerank.output_paths import OutputPathError
 
 CONFIG_MOUNT = "/etc/valuerank"
 """Folder where every pod mounts the ConfigMap with the pipeline config."""
@@ -432,10 +433,20 @@ def write(cfg: PipelineConfig, config_text: str, out: Path) -> list[Path]:
 
     Only these files are replaced, so other files in ``out`` (an overlay's own config) stay.
     """
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise OutputPathError(f"--out {out} is a file; pass a folder for the manifests")
     header = "# Written by `valuerank k8s render` from a pipeline config; edit the config and render again.\n"
+    rendered = render(cfg, config_text)
+    # Replace only files that an earlier render wrote, so a hand-written file is never lost.
+    for name in [*rendered, "kustomization.yaml"]:
+        path = out / name
+        if path.exists() and not path.read_text(errors="replace").startswith(header):
+            raise OutputPathError(
+                f"{path} exists and was not written by valuerank k8s render; move it or pick another --out"
+            )
+    out.mkdir(parents=True, exist_ok=True)
     written = []
-    for name, objects in render(cfg, config_text).items():
+    for name, objects in rendered.items():
         path = out / name
         path.write_text(header + dump(objects))
         written.append(path)

@@ -84,6 +84,11 @@ def build_session(
     )
     if master is not None:
         builder = builder.master(master)
+    if master is None or master.startswith("local"):
+        # A local-mode driver and its UI need no other host, so they listen on loopback only,
+        # unless the caller set SPARK_LOCAL_IP. Under spark-submit the JVM already runs and
+        # this has no effect.
+        os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     if shuffle_partitions is not None:
         builder = builder.config("spark.sql.shuffle.partitions", str(shuffle_partitions))
     if not ui:

@@ -79,3 +79,25 @@ def test_export_without_checkpoint_fails_clearly(tmp_path):
 
     assert result.returncode == 2
     assert "no complete checkpoint found" in result.stderr
+
+
+def test_score_rejects_output_inside_input(exported, tmp_path):
+    folder = tmp_path / "impressions"
+    folder.mkdir()
+    pq.write_table(pq.read_table(exported["scores"]), folder / "part-0.parquet")
+
+    result = _cli("score", "--model", str(exported["artifact"]), "--impressions", str(folder), "--out", str(folder / "scores.parquet"))
+
+    assert result.returncode == 2
+    assert "inside the impressions being scored" in result.stderr
+
+
+def test_score_rejects_file_that_is_not_export(tmp_path):
+    junk = tmp_path / "model.pt"
+    junk.write_bytes(b"not a model")
+
+    result = _cli("score", "--model", str(junk), "--impressions", str(tmp_path), "--out", str(tmp_path / "s.parquet"))
+
+    assert result.returncode == 2
+    assert "is not a valuerank export" in result.stderr
+    assert "Traceback" not in result.stderr

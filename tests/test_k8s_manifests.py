@@ -23,6 +23,7 @@ from launch.k8s_checks import (
     pod_specs,
 )
 from valuerank.config import ConfigError, load_config
+from valuerank.output_paths import OutputPathError
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
@@ -366,3 +367,11 @@ def test_rendezvous_endpoint_needs_service(base_objects):
     job = _job(base_objects)
 
     assert any("no Service named" in problem for problem in check_training_consistency([job]))
+
+
+def test_render_keeps_foreign_file(tmp_path):
+    (tmp_path / "train.yaml").write_text("kind: Mine\n")
+
+    with pytest.raises(OutputPathError, match="was not written by valuerank k8s render"):
+        k8s_render.write(load_config(K8S / "base" / "valuerank.toml"), "", tmp_path)
+    assert (tmp_path / "train.yaml").read_text() == "kind: Mine\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -163,6 +164,22 @@ def test_cli_train_rejects_missing_column(data):
 
     assert result.returncode == 2
     assert "missing column 'slot'" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("column", "wanted"), [("user_id", "integer ids"), ("position", "numbers")])
+def test_cli_train_rejects_text_column(data, column, wanted):
+    path = data / "data" / "train" / "part-0.parquet"
+    table = pq.read_table(path)
+    index = table.column_names.index(column)
+    pq.write_table(table.set_column(index, column, pc.cast(table[column], pa.string())), path)
+    command = [sys.executable, "-m", "valuerank.cli", "train", "--config", str(_config(data)), "--data", str(data / "data"), "--out", str(data / "out")]
+
+    result = subprocess.run(command, capture_output=True, text=True)
+
+    assert result.returncode == 2
+    assert f"column {column!r} has type string" in result.stderr
+    assert wanted in result.stderr
     assert "Traceback" not in result.stderr
 
 

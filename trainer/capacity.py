@@ -114,7 +114,8 @@ class ClusterSpec:
             "hbm_bandwidth_gibps",
         ):
             if not getattr(self, name) > 0:
-                raise ClusterSpecError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+                option = name.removesuffix("_gibps").replace("_", "-")
+                raise ClusterSpecError(f"--{option} must be positive, got {getattr(self, name)}")
         if not 0 <= self.reserved_share < 1:
             raise ClusterSpecError(f"--reserved-share must be in [0, 1), got {self.reserved_share}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,7 +82,10 @@ def load_exported(path: Path) -> ExportedModel:
     """Read an export written by ``export_checkpoint`` and rebuild the model in eval mode."""
     if not path.is_file():
         raise ExportError(f"exported model not found: {path}; create it with valuerank export")
-    artifact = torch.load(path, weights_only=True)
+    try:
+        artifact = torch.load(path, weights_only=True)
+    except (EOFError, KeyError, RuntimeError, pickle.UnpicklingError) as error:
+        raise ExportError(f"{path} is not a valuerank export ({error}); create it with valuerank export") from error
     if not isinstance(artifact, dict) or artifact.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{path} is not a valuerank export (expected format {EXPORT_FORMAT!r}); create it with valuerank export")
 

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from launch.local import positive_int
 from trainer.data import DataError, DenseStats, normalize_dense
 from trainer.export import ExportedModel, load_exported
 from trainer.metrics import correct_for_keep_rates, keep_rates_for_rows
@@ -119,6 +120,9 @@ def score_impressions(model_path: Path, impressions: Path, out: Path, batch_size
     exported = load_exported(model_path)
     if not impressions.exists():
         raise DataError(f"impressions not found: {impressions}; pass a Parquet file or folder")
+    resolved_out, resolved_in = out.resolve(), impressions.resolve()
+    if resolved_out == resolved_in or (impressions.is_dir() and resolved_out.is_relative_to(resolved_in)):
+        raise DataError(f"--out {out} is inside the impressions being scored ({impressions}); write the scores elsewhere")
     dataset = ds.dataset(str(impressions), format="parquet")
     needed = [f.column for f in exported.cfg.sparse_features] + [f.column for f in exported.cfg.dense_features]
     missing = [column for column in needed if column not in dataset.schema.names]
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, type=Path, help="file written by valuerank export")
     parser.add_argument("--impressions", required=True, type=Path, help="impressions to score (Parquet file or folder)")
     parser.add_argument("--out", required=True, type=Path, help="Parquet file to write")
-    parser.add_argument("--batch-size", type=int, default=65536, help="rows scored per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=65536, help="rows scored per forward pass")
     args = parser.parse_args(argv)
     rows = score_impressions(args.model, args.impressions, args.out, args.batch_size)
     print(f"scored {rows} rows: {args.out}")

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from launch.local import threads_per_rank, torchrun_command
+from launch.local import positive_int, threads_per_rank, torchrun_command
 from valuerank.config import ConfigError, PipelineConfig, load_config
 from valuerank.output_paths import check_output_path
 
@@ -148,10 +148,19 @@ def _trial_row(trial: str, point: dict, status: str, seconds: float, metrics: di
     return row
 
 
+def objective_columns(cfg) -> list[str]:
+    """Result columns that ``--objective`` may name; every one but final_loss is better when higher."""
+    return [
+        "ndcg", *(f"ndcg@{k}" for k in cfg.evaluation.ndcg_cutoffs), "auc_mean",
+        *(f"auc_{a.name}" for a in cfg.actions), "final_loss",
+    ]
+
+
 def _sort_key(row: dict, objective: str) -> tuple:
     value = row.get(objective)
     finite = isinstance(value, (int, float)) and math.isfinite(value)
-    return (0 if finite else 1, -value if finite else 0.0)
+    direction = 1.0 if objective == "final_loss" else -1.0
+    return (0 if finite else 1, direction * value if finite else 0.0)
 
 
 def write_results(out_dir: Path, rows: list[dict], objective: str, header: dict) -> None:
@@ -172,7 +181,8 @@ def write_results(out_dir: Path, rows: list[dict], objective: str, header: dict)
         return str(value)
 
     lines = [
-        f"Scored on: {header['scored_on']}. Sorted by {objective}, best first.",
+        f"Scored on: {header['scored_on']}. Sorted by {objective}, best first"
+        f" ({'lowest' if objective == 'final_loss' else 'highest'} first).",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),
@@ -197,6 +207,9 @@ def run_sweep(
 ) -> list[dict]:
     """Train and score every configuration; return the result rows in run order."""
     cfg = load_config(config_path, base_overrides)
+    objectives = objective_columns(cfg)
+    if objective not in objectives:
+        raise SweepError(f"--objective {objective!r} is not a result column; valid: {', '.join(objectives)}")
     points = grid_points(space, mode, trials, seed)
     # Build every trial's config first, so that a bad key fails before any training.
     for point in points:
@@ -264,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     scored = parser.add_mutually_exclusive_group()
     scored.add_argument("--validation-days", type=float, default=1.0, help="days at the end of the training split used for scoring (default 1)")
     scored.add_argument("--on-eval", action="store_true", help="score on the evaluation split instead (optimistic if used to choose)")
-    parser.add_argument("--nproc-per-node", type=int, default=1, help="training ranks per trial (default 1)")
-    parser.add_argument("--objective", default="ndcg", help="result column to sort by, e.g. ndcg, auc_mean, auc_click (default ndcg)")
+    parser.add_argument("--nproc-per-node", type=positive_int, default=1, help="training ranks per trial (default 1)")
+    parser.add_argument("--objective", default="ndcg", help="result column to sort by: ndcg, ndcg@K, auc_mean, auc_<action> or final_loss (lowest first) (default ndcg)")
     parser.add_argument("--override", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override applied to every trial; repeatable")
     return parser
 

@@ -83,7 +83,7 @@ def _demo(argv: list[str]) -> int:
 
     parser = argparse.ArgumentParser(prog="valuerank demo", description="Run the whole pipeline on a synthetic log with known truth.")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="run folder (default runs/demo)")
-    parser.add_argument("--impressions", type=int, default=300_000, help="synthetic impressions to generate (default 300,000)")
+    parser.add_argument("--impressions", type=positive_int, default=300_000, help="synthetic impressions to generate (default 300,000)")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")
     parser.add_argument("--nproc-per-node", type=positive_int, default=2, help="training ranks")
     parser.add_argument("--config", type=Path, default=DEMO_CONFIG, help="pipeline config (default configs/demo.toml)")

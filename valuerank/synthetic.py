@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from launch.local import positive_int
 from valuerank.adapters import iso_utc, timestamp_array, write_raw_logs
 from valuerank.config import parse_utc
 
@@ -616,7 +617,7 @@ def _summary(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a synthetic impression and event log with known action probabilities.")
     parser.add_argument("--out", required=True, help="output folder; gets impressions/ and events/")
-    parser.add_argument("--impressions", type=int, default=200_000, help="number of impressions")
+    parser.add_argument("--impressions", type=positive_int, default=200_000, help="number of impressions")
     parser.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files")
     parser.add_argument("--users", type=int, default=10_000, help="number of user ids (0 .. users-1)")
     parser.add_argument("--items", type=int, default=5_000, help="number of item ids (0 .. items-1)")
