@@ -120,10 +120,25 @@ def _to_float32(column: pa.ChunkedArray, fill: float) -> np.ndarray:
     return array.to_numpy()
 
 
+def is_number_type(arrow_type: pa.DataType) -> bool:
+    """True for the Arrow types that the loader reads as numbers: integer, floating, boolean or null."""
+    return (
+        pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
+        or pa.types.is_boolean(arrow_type) or pa.types.is_null(arrow_type)
+    )
+
+
+def is_id_type(arrow_type: pa.DataType) -> bool:
+    """True for the Arrow types that the loader reads as ids: integer or a list of integers (null allowed)."""
+    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
+        arrow_type = arrow_type.value_type
+    return pa.types.is_integer(arrow_type) or pa.types.is_null(arrow_type)
+
+
 def dense_values(column: pa.ChunkedArray, name: str, source: str) -> np.ndarray:
     """Return a dense feature column as float32, NULL as 0 (the value before normalisation)."""
     kind = column.type
-    if not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) or pa.types.is_null(kind)):
+    if not is_number_type(kind):
         raise DataError(f"{source}: dense feature column {name!r} has type {kind}; expected a number")
     values = _to_float32(column, fill=0.0)
     # NaN stored as a value (not NULL) is treated like NULL, as the reader before this one did.

@@ -10,10 +10,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from trainer.arrow_chunks import is_id_type, is_number_type
 from trainer.data import DataError, required_columns
 from valuerank.config import PipelineConfig
 from valuerank.output_paths import check_output_path
@@ -29,27 +29,15 @@ def check_data(cfg: PipelineConfig, data: Path) -> None:
         folder = data / split
         if not folder.is_dir():
             raise DataError(f"--data {data}: missing {split}/ folder; pass the output folder of valuerank downsample")
-        columns = ds.dataset(str(folder), format="parquet").schema.names
+        dataset = ds.dataset(str(folder), format="parquet")
+        columns = dataset.schema.names
         missing = [column for column in required_columns(cfg) if column not in columns]
         if missing:
             raise DataError(
                 f"{folder}: missing column {missing[0]!r} named in the config; columns present: {', '.join(columns)}"
             )
-        for path in ds.dataset(str(folder), format="parquet").files:
+        for path in dataset.files:
             check_column_types(cfg, Path(path))
-
-
-def _is_id_type(arrow_type: pa.DataType) -> bool:
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        arrow_type = arrow_type.value_type
-    return pa.types.is_integer(arrow_type) or pa.types.is_null(arrow_type)
-
-
-def _is_number_type(arrow_type: pa.DataType) -> bool:
-    return (
-        pa.types.is_integer(arrow_type) or pa.types.is_floating(arrow_type)
-        or pa.types.is_boolean(arrow_type) or pa.types.is_null(arrow_type)
-    )
 
 
 def check_column_types(cfg: PipelineConfig, path: Path) -> None:
@@ -59,17 +47,17 @@ def check_column_types(cfg: PipelineConfig, path: Path) -> None:
     outside the table when hashing is off).
     """
     schema = pq.read_schema(path)
-    expected = [(f.column, _is_id_type, "integer ids or a list of integer ids") for f in cfg.sparse_features]
-    expected += [(f.column, _is_number_type, "numbers") for f in cfg.dense_features]
-    expected += [(column, _is_number_type, "0/1 integers") for column in cfg.label_columns]
-    expected += [(column, _is_number_type, "numbers") for column in ("weight", "keep_rate")]
-    for column, accepts, wanted in expected:
+    expected = [(f.column, is_id_type, "integer ids or a list of integer ids") for f in cfg.sparse_features]
+    expected += [(f.column, is_number_type, "numbers") for f in cfg.dense_features]
+    expected += [(column, is_number_type, "0/1 integers") for column in cfg.label_columns]
+    expected += [(column, is_number_type, "numbers") for column in ("weight", "keep_rate")]
+    for column, accepts, expected_type in expected:
         if column not in schema.names:
             continue
         arrow_type = schema.field(column).type
         if not accepts(arrow_type):
             raise DataError(
-                f"{path}: column {column!r} has type {arrow_type}, but the trainer reads it as {wanted}; "
+                f"{path}: column {column!r} has type {arrow_type}, but the trainer reads it as {expected_type}; "
                 "fix the column in the data (the Spark jobs pass feature columns through unchanged)"
             )
 
