@@ -90,9 +90,9 @@ def run_local(
     env = dict(os.environ)
     env["OMP_NUM_THREADS"] = str(threads or threads_per_rank(nproc_per_node))
     if max_restarts > 0:
-        # NOTE: with torch 2.13, workers restarted by torchrun hang in init_process_group when
-        # they reuse the agent's rendezvous TCP store (pytorch/pytorch#135712); a separate
-        # store per restart round avoids it.
+        # NOTE: with torch 2.13, workers that torchrun restarts hang in init_process_group when
+        # they reuse the agent's rendezvous TCP store (pytorch/pytorch#135712). A separate
+        # store per restart round avoids the hang.
         env.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
 
     if rendezvous is not None:

@@ -312,8 +312,8 @@ class SplitData:
         if train.resolved_loader_workers == 0:
             # NOTE: this path neither pins memory nor prefetches, so on a GPU the copy of each
             # batch waits for its decoding; use loader_workers >= 1 there.
-            # TODO: read the next row group on a background thread while this one is decoded;
-            # reading and decoding one after the other keeps this path below read_table's rate.
+            # TODO: read the next row group on a background thread while this one is decoded.
+            # Reading and decoding one after the other keeps this path below read_table's rate.
             streams = [iterate_stream(plan, self.reader, batch_size) for plan in rotated]
             for index in itertools.count():
                 parts = next(streams[index % count], None)

@@ -267,10 +267,15 @@ class Trainer:
         if q is None:
             return
         metrics, _, _ = score_predictions(q, self.eval_data, self.cfg, self.action_keep_rates)
+        for name, values in metrics.items():
+            logger.info(
+                "eval step=%d epoch=%d action=%s auc=%.4f log_loss=%.4f",
+                step, epoch, name, values["auc"], values["log_loss"],
+            )
         self.record_evaluation(step, epoch, metrics)
 
     def record_evaluation(self, step: int, epoch: int, action_metrics: dict) -> None:
-        """Log one evaluation point (rank 0) and keep it for the evaluation curve."""
+        """Keep one evaluation point (rank 0) for the evaluation curve and write its TensorBoard scalars."""
         point = {
             "step": step,
             "epoch": epoch,
@@ -279,10 +284,6 @@ class Trainer:
         }
         self.eval_history.append(point)
         for name, values in action_metrics.items():
-            logger.info(
-                "eval step=%d epoch=%d action=%s auc=%.4f log_loss=%.4f",
-                step, epoch, name, values["auc"], values["log_loss"],
-            )
             self.writer.add_scalar(f"eval/log_loss/{name}", values["log_loss"], step)
             self.writer.add_scalar(f"eval/auc/{name}", values["auc"], step)
 
